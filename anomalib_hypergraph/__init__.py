@@ -1,1 +1,11 @@
-"""x"""
+"""anomalib-hypergraph: hypergraph few-shot anomaly detectors as an anomalib 2.x plugin.
+
+Importing the package makes its models known to anomalib (``anomalib.models.get_model("HyperTrans")``); the stock
+``anomalib`` command imports it by itself through a start-up hook installed with the package.
+"""
+
+from anomalib_hypergraph.models import HyperTrans, HyperTransModel
+
+__version__ = "0.1.0"
+
+__all__ = ["HyperTrans", "HyperTransModel", "__version__"]

@@ -1,0 +1,393 @@
+"""HyperTrans as an anomalib model: two-stage training (Algorithm 1) inside Lightning.
+
+Paper: "HyperTrans: Hypergraph domain transfer for cross-domain few-shot anomaly detection" (IJCAI 2025).
+
+How the stock ``Engine`` / ``anomalib train`` drives it. ``learning_type`` is ``ONE_CLASS`` so that ``Engine.fit``
+really runs ``trainer.fit`` (anomalib skips training for ``FEW_SHOT`` models, and HyperTrans must train its adapters
+and its residual HGNN). The trainer epochs are used as follows:
+
+1. epochs ``0 .. epochs_perturbation-1``: stage 1, domain perturbation (Eq. 3-7) on the source images (on the target
+   shots when the datamodule has no source domain); only the adapters learn;
+2. the next epoch: one pass of the adapted backbone over the training data fills the source and target banks
+   (gathered across ranks under DDP); at its last batch the banks are finalised (source coreset), stage 2 trains the
+   residual HGNN for ``epochs_rectification`` full-graph iterations (Eq. 8-11), the rectified banks are stored, and
+   the trainer is asked to stop.
+
+Nothing is put into ``trainer_arguments``: the user's ``--trainer.*`` flags stand. When ``max_epochs`` leaves fewer
+epochs than stage 1 asks for, stage 1 is shortened (with a warning) so that the bank epoch still runs. Validation before
+the banks exist (the sanity check, or the end of a stage-1 epoch) scores against the k target shots only, through the
+current adapters: a cheap, honest progress signal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from anomalib_hypergraph.backbones import backbone_normalization
+from anomalib_hypergraph.pre_processing import CrossDomainPreProcessor
+
+from .torch_model import SOURCE, TARGET, HyperTransModel, flatten_patches
+
+logger = logging.getLogger(__name__)
+
+PATCH_INDEX_BITS = 15
+
+
+class HyperTrans(AnomalibModule):
+    """HyperTrans: cross-domain few-shot anomaly detection with hypergraph domain transfer.
+
+    Args:
+        backbone: timm backbone (paper: ``vit_base_patch8_224.dino``; offline real weights: ``tf_efficientnet_lite0``).
+        layers: backbone stages that form the patch descriptors (``None``: the backbone's default).
+        pretrained: load pretrained weights (hub when online, the offline weight packages, or ``pretrained_weights``).
+        pretrained_weights: local weights file for the backbone, for machines without hub access.
+        image_size: model input size (``None``: 224 for ViTs, 256 for CNNs).
+        perturbed_stages: 0-based stages followed by perturbation and an adapter (``None``: paper's layers 3..10).
+        noise_mean: mean of the Perlin channel factors (paper: 0).
+        noise_std: standard deviation of the Perlin channel factors (paper: 0.75).
+        adapter_reduction: bottleneck reduction of the residual adapters (our choice).
+        epochs_perturbation: epochs of stage 1, epochsP (paper: 3).
+        epochs_rectification: full-graph iterations of stage 2, epochsR (paper: 100).
+        lr_perturbation: Adam learning rate of the adapters (the paper does not give one; our choice).
+        lr_rectification: Adam learning rate of the residual HGNN (our choice).
+        coreset_sampling_ratio: fraction of source patches kept by greedy coreset (paper: 0.1).
+        num_neighbors: K nearest vertices joined to each hyperedge (our choice: 10).
+        incidence_kernel: ``"reciprocal"`` (1/(1+d)) or ``"gaussian"`` incidence from distances.
+        alpha: residual weight of the HGNN branch, Eq. 9 (paper: 0.3).
+        dropout: dropout in the residual HGNN (paper: 0.5).
+        beta: weight of the source sub-hypergraph, Eq. 18-19 (paper: 0.6).
+        sigma: Gaussian smoothing of the anomaly map (paper: 4).
+        chunk_size: rows per block in distance computations.
+        use_domain_perturbation: ablation switch for DP (Table 3).
+        use_rectification: ablation switch for HDR (Table 3).
+        use_cross_domain_scoring: ablation switch for CDS (Table 3).
+        seed: seed of the coreset and of stage 2 (identical on every rank under DDP).
+        model_kwargs: extra keyword arguments for ``timm.create_model`` (tiny test backbones).
+        pre_processor: pre-processor or ``True`` for the backbone's resize + normalisation.
+        post_processor: post-processor or ``True`` for anomalib's default.
+        evaluator: evaluator or ``True`` for anomalib's default metrics.
+        visualizer: visualizer or ``True`` for anomalib's default.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_base_patch8_224.dino",
+        layers: Sequence[str] | None = None,
+        pretrained: bool = True,
+        pretrained_weights: str | Path | None = None,
+        image_size: tuple[int, int] | None = None,
+        perturbed_stages: Sequence[int] | None = None,
+        noise_mean: float = 0.0,
+        noise_std: float = 0.75,
+        adapter_reduction: int = 4,
+        epochs_perturbation: int = 3,
+        epochs_rectification: int = 100,
+        lr_perturbation: float = 1e-3,
+        lr_rectification: float = 1e-3,
+        coreset_sampling_ratio: float = 0.1,
+        num_neighbors: int = 10,
+        incidence_kernel: str = "reciprocal",
+        alpha: float = 0.3,
+        dropout: float = 0.5,
+        beta: float = 0.6,
+        sigma: float = 4.0,
+        chunk_size: int = 2048,
+        use_domain_perturbation: bool = True,
+        use_rectification: bool = True,
+        use_cross_domain_scoring: bool = True,
+        seed: int = 0,
+        model_kwargs: dict[str, Any] | None = None,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size=image_size, backbone=backbone)
+        elif isinstance(pre_processor, nn.Module) and hasattr(pre_processor, "transform"):
+            pre_processor = CrossDomainPreProcessor.from_pre_processor(pre_processor)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if epochs_perturbation < 0 or epochs_rectification < 0:
+            msg = f"epochs_perturbation and epochs_rectification must be >= 0, got {epochs_perturbation}, {epochs_rectification}."
+            raise ValueError(msg)
+        if not 0 < coreset_sampling_ratio <= 1:
+            msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio}."
+            raise ValueError(msg)
+        self.model = HyperTransModel(
+            backbone=backbone,
+            layers=layers,
+            pretrained=pretrained,
+            pretrained_weights=pretrained_weights,
+            model_kwargs=model_kwargs,
+            perturbed_stages=perturbed_stages,
+            noise_mean=noise_mean,
+            noise_std=noise_std,
+            adapter_reduction=adapter_reduction,
+            num_neighbors=num_neighbors,
+            incidence_kernel=incidence_kernel,
+            alpha=alpha,
+            dropout=dropout,
+            beta=beta,
+            sigma=sigma,
+            chunk_size=chunk_size,
+            use_domain_perturbation=use_domain_perturbation,
+            use_rectification=use_rectification,
+            use_cross_domain_scoring=use_cross_domain_scoring,
+        )
+        self.epochs_perturbation = epochs_perturbation if use_domain_perturbation else 0
+        self.epochs_rectification = epochs_rectification
+        self.lr_perturbation = lr_perturbation
+        self.lr_rectification = lr_rectification
+        self.coreset_sampling_ratio = coreset_sampling_ratio
+        self.seed = seed
+        self.automatic_optimization = False
+        self._perturbation_epochs_planned = self.epochs_perturbation
+        self._provisional_target_bank: torch.Tensor | None = None
+        self._staged_domains: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------ anomalib API
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        backbone: str = "vit_base_patch8_224.dino",
+    ) -> CrossDomainPreProcessor:
+        """Resize to the backbone's input size and normalise with the statistics its weights expect."""
+        size = image_size or ((224, 224) if "vit" in backbone else (256, 256))
+        mean, std = backbone_normalization(backbone)
+        transform = Compose([Resize(size, antialias=True), Normalize(mean=list(mean), std=list(std))])
+        return CrossDomainPreProcessor(transform=transform)
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """anomalib's default one-class post-processing (normalisation and adaptive thresholds from validation)."""
+        return PostProcessor()
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No trainer overrides: the user's ``--trainer.*`` flags are honoured as given."""
+        return {}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """``ONE_CLASS``: trained on normal images only, and (unlike ``FEW_SHOT``) actually trained by ``Engine.fit``."""
+        return LearningType.ONE_CLASS
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """Adam over the adapters (stage 1). Stage 2's optimiser lives inside the bank epoch, see ``_finish_fit``."""
+        if self.model.perturbation is None:
+            return None
+        return torch.optim.Adam(self.model.perturbation.parameters(), lr=self.lr_perturbation)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse checkpoints of other models with a clear message instead of a wall of missing keys."""
+        state_dict = checkpoint.get("state_dict", {})
+        if not any(key.startswith("model.memory_bank.") for key in state_dict):
+            found = sorted({key.split(".")[1] for key in state_dict if key.startswith("model.")})[:6]
+            msg = (
+                "This checkpoint was not written by HyperTrans (no 'model.memory_bank.*' entries; found model parts "
+                f"{found}). Load it with the model class that trained it."
+            )
+            raise ValueError(msg)
+        super().on_load_checkpoint(checkpoint)
+
+    # ----------------------------------------------------------------------------------------------- training
+    def on_train_start(self) -> None:
+        """Shorten stage 1 when the trainer's epoch budget cannot hold it plus the bank epoch."""
+        max_epochs = self.trainer.max_epochs
+        planned = self.epochs_perturbation
+        if max_epochs is not None and max_epochs >= 0 and planned >= max_epochs:
+            self._perturbation_epochs_planned = max(max_epochs - 1, 0)
+            logger.warning(
+                "trainer.max_epochs=%d leaves room for %d of the %d domain-perturbation epochs (one epoch builds the "
+                "memory banks). Raise --trainer.max_epochs to %d for the full stage 1.",
+                max_epochs,
+                self._perturbation_epochs_planned,
+                planned,
+                planned + 1,
+            )
+        else:
+            self._perturbation_epochs_planned = planned
+
+    @property
+    def in_perturbation_stage(self) -> bool:
+        """Whether the current trainer epoch belongs to stage 1 (domain perturbation)."""
+        return self.current_epoch < self._perturbation_epochs_planned
+
+    def training_step(self, batch: Batch | dict[str, Batch], batch_idx: int) -> STEP_OUTPUT:
+        """Stage 1: one adapter step on Eq. 7. Bank epoch: embed the batch into the domain banks."""
+        source, target = split_domains(batch)
+        if self.in_perturbation_stage:
+            images = source.image if source is not None else target.image
+            loss = self.model.perturbation_loss(images)  # Eq. 7
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            self.log("train/loss_dp", loss.detach(), prog_bar=True, on_step=True, on_epoch=True)
+            return {"loss": loss.detach()}
+
+        with torch.no_grad():
+            for domain, domain_batch in ((SOURCE, source), (TARGET, target)):
+                if domain_batch is None:
+                    continue
+                features = self.model.extract(domain_batch.image)
+                patches_per_image = features.shape[-2] * features.shape[-1]
+                keys = patch_keys(domain_batch.image_path, patches_per_image, features.device)
+                self.model.memory_bank.add(domain, flatten_patches(features), keys)
+                self._staged_domains.add(domain)
+        if batch_idx == self.trainer.num_training_batches - 1:
+            self._finish_fit()
+        return None
+
+    def _finish_fit(self) -> None:
+        """Finalise the banks, run stage 2 (HDR) and store what inference needs; then stop training."""
+        memory = self.model.memory_bank
+        memory.finalize(TARGET, coreset_ratio=None, seed=self.seed)
+        if SOURCE in self._staged_domains:
+            memory.finalize(SOURCE, coreset_ratio=self.coreset_sampling_ratio, seed=self.seed)
+        target_size = memory.get(TARGET).shape[0]
+        source_size = memory.get(SOURCE).shape[0] if memory.has(SOURCE) else 0
+        logger.info("HyperTrans banks: %d target patches, %d source patches (coreset).", target_size, source_size)
+        self.log("train/target_bank_size", float(target_size))
+        self.log("train/source_bank_size", float(source_size))
+
+        problem = None
+        if self.model.rectifier is not None and not memory.has(SOURCE):
+            logger.warning("No source-domain images: hypergraph domain rectification needs two domains and is skipped.")
+        elif self.model.rectification_enabled:
+            problem = self.model.prepare_rectification()
+            logger.info(
+                "HDR hypergraph: %d vertices, %d hyperedges; %d vertices took their pseudo feature from the "
+                "nearest other-domain vertex (no cross-domain neighbour in their hyperedges).",
+                problem.hypergraph.num_vertices,
+                problem.hypergraph.num_edges,
+                problem.num_fallback,
+            )
+            self._train_rectifier(problem)
+        self.model.store_rectified_banks(problem)
+        self._provisional_target_bank = None
+        self._staged_domains.clear()
+        self.trainer.should_stop = True
+
+    def _train_rectifier(self, problem: Any) -> None:  # noqa: ANN401
+        """Stage 2: full-graph iterations of the residual HGNN on Eq. 11.
+
+        Gradients are taken with ``torch.autograd.grad`` on identical data and a seeded RNG on every rank, so ranks stay
+        in lockstep without any all-reduce (the HGNN is not run through the DDP wrapper).
+        """
+        rectifier = self.model.rectifier
+        parameters = list(rectifier.parameters())
+        optimizer = torch.optim.Adam(parameters, lr=self.lr_rectification)
+        rectifier.train()
+        losses: list[float] = []
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            torch.manual_seed(self.seed)
+            for iteration in range(self.epochs_rectification):
+                loss = self.model.rectification_loss(problem)  # Eq. 11
+                gradients = torch.autograd.grad(loss, parameters)
+                for parameter, gradient in zip(parameters, gradients, strict=True):
+                    parameter.grad = gradient
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                if self.logger is not None:
+                    self.logger.log_metrics({"train/loss_dr": losses[-1]}, step=iteration)
+                if iteration == 0 or (iteration + 1) % 10 == 0 or iteration + 1 == self.epochs_rectification:
+                    logger.info("HDR stage 2: iteration %d/%d, L_dr = %.6f", iteration + 1, self.epochs_rectification, losses[-1])
+        rectifier.eval()
+        if losses:
+            self.log("train/loss_dr_first", losses[0])
+            self.log("train/loss_dr", losses[-1], prog_bar=True)
+
+    def on_train_end(self) -> None:
+        """Warn when training ended before the bank epoch completed (the model then cannot score)."""
+        if not bool(self.model.is_fitted):
+            logger.warning(
+                "Training stopped before HyperTrans built its memory banks; test/predict will fail. "
+                "Allow at least one more epoch (--trainer.max_epochs)."
+            )
+
+    # --------------------------------------------------------------------------------------------- evaluation
+    def on_validation_start(self) -> None:
+        """Before the banks exist, embed the target shots once for a provisional target-only score."""
+        if bool(self.model.is_fitted):
+            return
+        features = [self.model.embed(images) for images in self._target_shot_images()]
+        self._provisional_target_bank = torch.cat(features) if features else None
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score the batch: the full model once trained, the provisional target-only score before."""
+        del args, kwargs
+        if bool(self.model.is_fitted) or self._provisional_target_bank is None:
+            predictions = self.model(batch.image)
+        else:
+            predictions = self.model.score_against(batch.image, source_bank=None, target_bank=self._provisional_target_bank)
+        return batch.update(**predictions._asdict())
+
+    def _target_shot_images(self) -> Iterator[torch.Tensor]:
+        """Pre-processed target-shot images from the training data (dict loaders: the ``target`` one)."""
+        loader = None
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            loader = datamodule.train_dataloader()
+        elif self.trainer.train_dataloader is not None:
+            loader = self.trainer.train_dataloader
+        if isinstance(loader, dict):
+            loader = loader.get(TARGET)
+        if loader is None:
+            return
+        with torch.no_grad():
+            for batch in loader:
+                images = batch.image.to(self.device)
+                if self.pre_processor is not None and getattr(self.pre_processor, "transform", None) is not None:
+                    images = self.pre_processor.transform(images)
+                yield images
+
+
+def split_domains(batch: Batch | dict[str, Batch]) -> tuple[Batch | None, Batch]:
+    """(source, target) batches of a training step; a plain single-domain batch counts as target shots."""
+    if isinstance(batch, dict):
+        if TARGET not in batch:
+            msg = f"Cross-domain training batches need a '{TARGET}' entry, got keys {sorted(batch)}."
+            raise KeyError(msg)
+        return batch.get(SOURCE), batch[TARGET]
+    return None, batch
+
+
+def patch_keys(image_paths: Sequence[str], patches_per_image: int, device: torch.device) -> torch.Tensor:
+    """Stable int64 key per patch: 48 bits of the image path's SHA-1, then the patch index.
+
+    Keys let the memory bank drop the duplicates that DDP padding and cycled target loaders produce, and give the bank
+    a row order that does not depend on how images were spread over ranks.
+    """
+    if patches_per_image >= 2**PATCH_INDEX_BITS:
+        msg = f"{patches_per_image} patches per image exceed the {2**PATCH_INDEX_BITS} that patch keys can index."
+        raise ValueError(msg)
+    image_keys = torch.tensor(
+        [int(hashlib.sha1(str(path).encode()).hexdigest()[:12], 16) for path in image_paths],  # noqa: S324
+        dtype=torch.long,
+        device=device,
+    )
+    patch_index = torch.arange(patches_per_image, dtype=torch.long, device=device)
+    return ((image_keys[:, None] << PATCH_INDEX_BITS) | patch_index[None, :]).reshape(-1)
