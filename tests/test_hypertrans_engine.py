@@ -1,0 +1,184 @@
+"""HyperTrans under anomalib's Engine: both stages really train, checkpoints round-trip, predict == test."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.engine import Engine
+from anomalib.models import Patchcore, get_model
+from lightning.pytorch import Callback
+
+from anomalib_hypergraph.data import FewShot, MVTec3DCrossDomain
+from anomalib_hypergraph.models import HyperTrans
+
+
+class CollectScores(Callback):
+    """Records the post-processed image scores of test and predict batches by image path."""
+
+    def __init__(self) -> None:
+        self.scores: dict[str, float] = {}
+
+    def _collect(self, outputs: object) -> None:
+        for path, score in zip(outputs.image_path, outputs.pred_score, strict=True):
+            self.scores[str(Path(path).resolve())] = float(score)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        self._collect(outputs)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        self._collect(outputs)
+
+
+def make_datamodule(root: Path, category: str) -> MVTec3DCrossDomain:
+    return MVTec3DCrossDomain(
+        root=root,
+        category=category,
+        k_shot=1,
+        train_batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+        cache_dir=root.parent / "cache",
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, synthetic_category: str, tiny_hypertrans_kwargs: dict):
+    """A HyperTrans trained by Engine.fit on the synthetic RGB -> depth data, plus its initial adapter weights."""
+    torch.manual_seed(0)
+    workdir = tmp_path_factory.mktemp("engine")
+    model = HyperTrans(**tiny_hypertrans_kwargs)
+    initial_adapters = {k: v.clone() for k, v in model.model.perturbation.state_dict().items()}
+    initial_rectifier = {k: v.clone() for k, v in model.model.rectifier.state_dict().items()}
+    datamodule = make_datamodule(synthetic_root, synthetic_category)
+    scores = CollectScores()
+    engine = Engine(default_root_dir=workdir, accelerator="cpu", devices=1, max_epochs=5, callbacks=[scores], logger=False)
+    engine.fit(model=model, datamodule=datamodule)
+    metrics = engine.test(model=model, datamodule=datamodule)[0]
+    return {
+        "model": model,
+        "engine": engine,
+        "datamodule": datamodule,
+        "metrics": metrics,
+        "test_scores": dict(scores.scores),
+        "initial_adapters": initial_adapters,
+        "initial_rectifier": initial_rectifier,
+        "workdir": workdir,
+        "kwargs": tiny_hypertrans_kwargs,
+    }
+
+
+def test_both_stages_train(trained: dict) -> None:
+    model: HyperTrans = trained["model"]
+    assert bool(model.model.is_fitted)
+    adapters = model.model.perturbation.state_dict()
+    assert any(not torch.equal(adapters[k], v) for k, v in trained["initial_adapters"].items()), "stage 1 did not train"
+    rectifier = model.model.rectifier.state_dict()
+    assert any(not torch.equal(rectifier[k], v) for k, v in trained["initial_rectifier"].items()), "stage 2 did not train"
+    # 1 perturbation epoch + the bank epoch, although max_epochs allowed 5: the model stops itself.
+    assert trained["engine"].trainer.current_epoch == 2
+    callback_metrics = trained["engine"].trainer.callback_metrics
+    assert "train/loss_dp_epoch" in callback_metrics or "train/loss_dp" in callback_metrics
+    assert float(callback_metrics["train/loss_dr"]) < float(callback_metrics["train/loss_dr_first"])
+
+
+def test_banks_hold_all_source_patches_and_the_shot(trained: dict) -> None:
+    model: HyperTrans = trained["model"]
+    datamodule = trained["datamodule"]
+    patches = 8 * 8
+    assert model.model.memory_bank.get("target").shape[0] == 1 * patches  # the cycled shot is stored once
+    num_source = len(datamodule.source_train_data)
+    assert model.model.memory_bank.get("source").shape[0] == round(num_source * patches * 0.5)
+    assert model.model.rectified_target.shape == model.model.memory_bank.get("target").shape
+
+
+def test_test_metrics_are_reported(trained: dict) -> None:
+    metrics = trained["metrics"]
+    assert 0.0 <= metrics["image_AUROC"] <= 1.0
+    assert 0.0 <= metrics["pixel_AUROC"] <= 1.0
+    assert len(trained["test_scores"]) == len(trained["datamodule"].test_data)
+
+
+def test_predict_on_a_folder_reproduces_test_scores(trained: dict, tmp_path: Path) -> None:
+    engine: Engine = trained["engine"]
+    model: HyperTrans = trained["model"]
+    checkpoint = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    assert checkpoint and Path(checkpoint).is_file()
+    test_paths = sorted(trained["test_scores"])
+    folder = Path(test_paths[-1]).parent
+    fresh = HyperTrans(**trained["kwargs"])
+    collect = CollectScores()
+    predict_engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, callbacks=[collect], logger=False)
+    predict_engine.predict(model=fresh, data_path=folder, ckpt_path=checkpoint)
+    assert collect.scores, "predict produced no scores"
+    for path, score in collect.scores.items():
+        assert score == pytest.approx(trained["test_scores"][path], abs=1e-5)
+    del model
+
+
+def test_checkpoint_round_trip(trained: dict) -> None:
+    engine: Engine = trained["engine"]
+    checkpoint = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    restored = HyperTrans.load_from_checkpoint(checkpoint, **{"visualizer": False})
+    original: HyperTrans = trained["model"]
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    original.eval()
+    restored.eval()
+    with torch.no_grad():
+        expected = original.model(images)
+        actual = restored.model(images)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score, rtol=0, atol=1e-6)
+    torch.testing.assert_close(restored.model.rectified_source, original.model.rectified_source)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path: Path, trained: dict) -> None:
+    patchcore = Patchcore(backbone="resnet18", pre_trained=False, layers=("layer1",))
+    checkpoint = {"state_dict": patchcore.state_dict(), "hyper_parameters": {}}
+    model = HyperTrans(**trained["kwargs"])
+    with pytest.raises(ValueError, match="not written by HyperTrans"):
+        model.on_load_checkpoint(checkpoint)
+
+
+def test_get_model_resolves_the_short_name() -> None:
+    model = get_model("HyperTrans", backbone="vit_tiny_patch16_224", pretrained=False, model_kwargs={"img_size": 64, "depth": 2})
+    assert isinstance(model, HyperTrans)
+
+
+def test_short_epoch_budget_still_builds_the_banks(
+    tmp_path: Path,
+    synthetic_root: Path,
+    synthetic_category: str,
+    tiny_hypertrans_kwargs: dict,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = HyperTrans(**{**tiny_hypertrans_kwargs, "epochs_perturbation": 3})
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1, logger=False)
+    with caplog.at_level(logging.WARNING):
+        engine.fit(model=model, datamodule=make_datamodule(synthetic_root, synthetic_category))
+    assert bool(model.model.is_fitted)
+    assert "leaves room for 0 of the 3 domain-perturbation epochs" in caplog.text
+
+
+def test_single_domain_datamodule_uses_the_shots_as_target(tmp_path: Path, tiny_hypertrans_kwargs: dict) -> None:
+    from anomalib.data import Folder
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("good", 4), ("bad", 2)):
+        (tmp_path / split).mkdir()
+        for index in range(count):
+            pixels = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / split / f"{index:03d}.png")
+    folder = Folder(
+        name="toy", root=tmp_path, normal_dir="good", abnormal_dir="bad", train_batch_size=2, eval_batch_size=2, num_workers=0
+    )
+    datamodule = FewShot(datamodule=folder, k_shot=2, seed=0)
+    model = HyperTrans(**tiny_hypertrans_kwargs)
+    engine = Engine(default_root_dir=tmp_path / "run", accelerator="cpu", devices=1, max_epochs=3, logger=False)
+    engine.fit(model=model, datamodule=datamodule)
+    assert bool(model.model.is_fitted)
+    assert not model.model.memory_bank.has("source")
+    assert model.model.memory_bank.get("target").shape[0] == 2 * 64
+    assert model.model.rectified_source.numel() == 0
