@@ -1,9 +1,9 @@
 """Domain perturbation (DP) of HyperTrans, Eq. 3-7: Perlin-AdaIN feature-statistics noise and residual adapters.
 
-During stage 1 the frozen backbone sees its own intermediate features re-styled by random, spatially coherent channel
-factors (Perlin noise), which imitates a change of imaging domain; small adapters placed after the perturbed stages learn
-to map the perturbed features back to the clean ones (Eq. 7). At inference the adapters run without perturbation, so
-features of an unseen domain are pulled towards the domain-invariant representation the adapters learnt.
+During stage 1 the frozen backbone sees its own intermediate features re-styled by random, spatially coherent
+channel factors (Perlin noise), which imitates a change of imaging domain; small adapters placed after the perturbed
+stages learn to map the perturbed features back to the clean ones (Eq. 7). At inference the adapters run without
+perturbation, so features of an unseen domain are pulled towards the domain-invariant representation they learnt.
 
 Feature layouts: CNN stage outputs are maps ``(B, C, H, W)``; ViT block outputs are tokens ``(B, T, C)`` whose first
 ``num_prefix_tokens`` tokens (CLS, registers) are not patches. Channel statistics are taken over the spatial positions
@@ -62,7 +62,10 @@ def _spatial_dims(features: torch.Tensor) -> tuple[int, ...]:
 
 
 def _broadcast_factors(factors: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Reshape per-sample channel factors ``(B, C)`` to broadcast against maps ``(B, C, H, W)`` or tokens ``(B, T, C)``."""
+    """Reshape per-sample factors ``(B, C)`` to broadcast against maps ``(B, C, H, W)`` or tokens ``(B, T, C)``."""
+    if factors.ndim != 2:
+        msg = f"Channel factors must have shape (B, C), got {tuple(factors.shape)}."
+        raise ValueError(msg)
     batch_size, channels = factors.shape
     if features.ndim == 4:
         expected = (features.shape[0], features.shape[1])
@@ -88,7 +91,9 @@ def channel_statistics(
         eps: added to the variance before the square root so that constant channels do not divide by zero.
 
     Returns:
-        ``(avg, std)``, each shaped ``(B, C, 1, 1)`` for maps or ``(B, 1, C)`` for tokens, to broadcast against the input.
+        ``(avg, std)``, each shaped ``(B, C, 1, 1)`` for maps or ``(B, 1, C)`` for tokens, to broadcast against
+        the input.
+
     """
     patches, _ = _split_prefix(features, num_prefix_tokens)
     dims = _spatial_dims(patches)
@@ -134,6 +139,7 @@ def perlin_channel_factors(
 
     Returns:
         Factors of shape ``(B, C)``.
+
     """
     if batch_size < 1 or channels < 1:
         msg = f"batch_size and channels must be positive, got batch_size={batch_size}, channels={channels}."
@@ -180,6 +186,7 @@ def adain_perturb(
 
     Returns:
         w(F), same shape as ``features``.
+
     """
     patches, prefix = _split_prefix(features, num_prefix_tokens)
     avg, std = channel_statistics(patches)
@@ -194,7 +201,7 @@ def adain_perturb(
 def simplified_perturb(
     features: torch.Tensor, p_avg: torch.Tensor, p_std: torch.Tensor, num_prefix_tokens: int = 0
 ) -> torch.Tensor:
-    """Closed form of Eq. 4-5 (Eq. 6): no division by std, one mean per channel; prefix tokens pass through unchanged.
+    """Perturb with the closed form of Eq. 4-5 (Eq. 6): no division by std; prefix tokens pass through unchanged.
 
     Same arguments and result as :func:`adain_perturb` (up to rounding).
     """
@@ -218,6 +225,7 @@ class ResidualAdapter(nn.Module):
         channels: channels C of the stage output.
         kind: ``"vit"`` for tokens, ``"cnn"`` for maps.
         reduction: bottleneck reduction factor (hidden width ``max(1, C // reduction)``).
+
     """
 
     def __init__(self, channels: int, kind: BackboneKind, reduction: int = 4) -> None:
@@ -226,7 +234,7 @@ class ResidualAdapter(nn.Module):
             msg = f"ResidualAdapter kind must be 'vit' or 'cnn', got {kind!r}."
             raise ValueError(msg)
         if channels < 1 or reduction < 1:
-            msg = f"ResidualAdapter needs channels >= 1 and reduction >= 1, got channels={channels}, reduction={reduction}."
+            msg = f"ResidualAdapter needs channels >= 1 and reduction >= 1, got {channels=}, {reduction=}."
             raise ValueError(msg)
         self.kind = kind
         self.channels = channels
@@ -272,6 +280,7 @@ class DomainPerturbation(nn.Module):
         noise_std: standard deviation of the Perlin factors (paper: 0.75).
         adapter_reduction: bottleneck reduction of each :class:`ResidualAdapter`.
         use_simplified: perturb with the closed form Eq. 6 (default, cheaper) instead of AdaIN Eq. 4-5 (same result).
+
     """
 
     def __init__(
@@ -279,6 +288,7 @@ class DomainPerturbation(nn.Module):
         stage_channels: Sequence[int],
         perturbed_stages: Sequence[int],
         kind: BackboneKind,
+        *,
         num_prefix_tokens: int = 0,
         noise_mean: float = 0.0,
         noise_std: float = 0.75,
@@ -328,7 +338,7 @@ class DomainPerturbation(nn.Module):
         return perturb_fn(features, p_avg, p_std, self.num_prefix_tokens)
 
     def stage_hook(self, perturb: bool, adapt: bool) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """Hook ``(stage_index, stage_output) -> stage_output`` for the backbone's ``stage_hook`` argument."""
+        """Build the hook ``(stage_index, stage_output) -> stage_output`` for the backbone's ``stage_hook`` argument."""
 
         def hook(stage: int, features: torch.Tensor) -> torch.Tensor:
             key = str(stage)
@@ -344,8 +354,11 @@ class DomainPerturbation(nn.Module):
 
 
 def perturbation_loss(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-    """Stage-1 objective (Eq. 7): MSE between clean features (a fixed target, detached) and perturbed-adapted features."""
+    """Stage-1 objective (Eq. 7): MSE of perturbed-adapted features to the clean ones (a fixed target, detached)."""
     if clean.shape != perturbed.shape:
-        msg = f"perturbation_loss needs equal shapes, got clean {tuple(clean.shape)} and perturbed {tuple(perturbed.shape)}."
+        msg = (
+            f"perturbation_loss needs equal shapes, got clean {tuple(clean.shape)} "
+            f"and perturbed {tuple(perturbed.shape)}."
+        )
         raise ValueError(msg)
     return F.mse_loss(perturbed, clean.detach())  # Eq. 7

@@ -1,0 +1,232 @@
+r"""Few-shot sampling of normal training images, for any anomalib dataset or datamodule.
+
+The few-shot protocol of the papers (REFERENCES 1.4): the k shots of a category are its first k normal training
+files in sorted path order. Seeded random sampling is our option for reporting means over several shot draws
+(REFERENCES 3).
+
+- :func:`select_shots` picks k indices from a list of image paths,
+- :func:`few_shot_subset` applies it to the normal images of an :class:`~anomalib.data.AnomalibDataset`,
+- :class:`FewShot` wraps any anomalib datamodule (``MVTecAD``, ``Visa``, ``Folder``, ...) so that its training set
+  is the k shots while validation and test stay those of the wrapped datamodule. From the anomalib command line::
+
+      anomalib fit --model ... --data anomalib_hypergraph.data.FewShot --data.k_shot 2 \
+          --data.datamodule anomalib.data.MVTecAD --data.datamodule.root ./datasets/MVTecAD \
+          --data.datamodule.category bottle
+"""
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import numpy as np
+from anomalib.data import AnomalibDataModule
+from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.data.utils import LabelName
+
+logger = logging.getLogger(__name__)
+
+ShotSelection = Literal["first", "random"]
+
+
+def check_shot_arguments(k_shot: int, strategy: str) -> None:
+    """Validate a shot count and a selection strategy (shared by the samplers and the datamodules' constructors).
+
+    Raises:
+        ValueError: ``k_shot`` is not an int >= 1, or ``strategy`` is not one of ``"first"``, ``"random"``.
+
+    """
+    if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 1:
+        msg = f"k_shot must be an int >= 1 (the number of normal shots), got {k_shot!r}."
+        raise ValueError(msg)
+    if strategy not in get_args(ShotSelection):
+        msg = f"shot selection strategy must be one of {get_args(ShotSelection)}, got {strategy!r}."
+        raise ValueError(msg)
+
+
+def common_folder(paths: Sequence[str]) -> str:
+    """Return the deepest folder holding all ``paths`` (says *where* images were looked for in error messages)."""
+    if not paths:
+        return "<no files>"
+    folders = [os.path.dirname(os.path.abspath(path)) for path in paths]
+    try:
+        return os.path.commonpath(folders)
+    except ValueError:  # paths on different drives (Windows): no common folder
+        return ", ".join(sorted(set(folders)))
+
+
+def select_shots(
+    image_paths: Sequence[str],
+    k_shot: int,
+    *,
+    strategy: ShotSelection = "first",
+    seed: int | None = 0,
+    location: str | None = None,
+) -> list[int]:
+    """Choose ``k_shot`` of ``image_paths`` as the few-shot training images.
+
+    Args:
+        image_paths: Paths of the candidate (normal) images.
+        k_shot: Number of shots to choose.
+        strategy: ``"first"``: the first ``k_shot`` paths in sorted order (the papers' protocol). ``"random"``: a
+            uniform sample without replacement drawn with ``seed`` from the sorted paths, so the same seed gives the
+            same shots whatever the order of ``image_paths``.
+        seed: Seed of the ``"random"`` strategy (``None``: a fresh, non-reproducible draw). Unused by ``"first"``.
+        location: Where the images were looked for, for the error message (default: their common folder).
+
+    Returns:
+        Indices into ``image_paths`` of the chosen images, ordered by their paths.
+
+    Raises:
+        ValueError: ``k_shot`` < 1, unknown ``strategy``, or fewer than ``k_shot`` images (the message says how many
+            were found and where).
+
+    """
+    check_shot_arguments(k_shot, strategy)
+    paths = [str(path) for path in image_paths]
+    if k_shot > len(paths):
+        where = location or common_folder(paths)
+        msg = f"k_shot={k_shot} normal shots were requested, but only {len(paths)} normal images were found in {where}."
+        raise ValueError(msg)
+    sorted_indices = sorted(range(len(paths)), key=lambda index: paths[index])
+    if strategy == "first":
+        return sorted_indices[:k_shot]
+    rng = np.random.default_rng(seed)
+    positions = rng.choice(len(sorted_indices), size=k_shot, replace=False)
+    return [sorted_indices[position] for position in sorted(positions.tolist())]
+
+
+def dataset_location(dataset: AnomalibDataset) -> str:
+    """Describe where a dataset is for error messages: its name and the common folder of its images."""
+    paths = dataset.samples["image_path"].astype(str).tolist() if len(dataset.samples) else []
+    return f"the {dataset.name} dataset under '{common_folder(paths)}'"
+
+
+def normal_positions(dataset: AnomalibDataset) -> np.ndarray:
+    """Return the row positions of the normal (label 0) samples of ``dataset``.
+
+    Raises:
+        ValueError: The samples have no ``label_index`` column (labels unknown, e.g. a prediction folder).
+
+    """
+    if "label_index" not in dataset.samples.columns:
+        msg = f"Cannot pick normal images from {dataset_location(dataset)}: its samples have no 'label_index' column."
+        raise ValueError(msg)
+    return np.flatnonzero(dataset.samples["label_index"].to_numpy() == LabelName.NORMAL)
+
+
+def few_shot_subset(
+    dataset: AnomalibDataset,
+    k_shot: int,
+    *,
+    strategy: ShotSelection = "first",
+    seed: int | None = 0,
+) -> AnomalibDataset:
+    """Copy ``dataset`` keeping only ``k_shot`` of its normal (label 0) images.
+
+    The subset is made with ``dataset.subsample``, so it is of the dataset's own class and keeps its task and
+    augmentations. The chosen files are logged (``logger.info``); the subset's ``samples["image_path"]`` lists them
+    (sorted by path, as anomalib sorts samples), which is what :attr:`FewShot.shots` reports.
+
+    Args:
+        dataset: Dataset whose normal images are the candidates.
+        k_shot: Number of shots.
+        strategy: See :func:`select_shots`.
+        seed: See :func:`select_shots`.
+
+    Returns:
+        The subset of the ``k_shot`` chosen normal images.
+
+    Raises:
+        ValueError: Bad ``k_shot``/``strategy``, no labels, or fewer than ``k_shot`` normal images.
+
+    """
+    positions = normal_positions(dataset)
+    candidate_paths = dataset.samples["image_path"].iloc[positions].astype(str).tolist()
+    chosen = select_shots(candidate_paths, k_shot, strategy=strategy, seed=seed, location=dataset_location(dataset))
+    subset = dataset.subsample([int(positions[index]) for index in chosen])
+    logger.info(
+        "Few-shot training set (%d-shot, %s selection, seed %s) of %s: %s",
+        k_shot,
+        strategy,
+        seed,
+        dataset_location(dataset),
+        ", ".join(subset.samples["image_path"].astype(str)),
+    )
+    return subset
+
+
+class FewShot(AnomalibDataModule):
+    """Any anomalib datamodule, with its training set reduced to k normal shots.
+
+    Validation and test data are the wrapped datamodule's, split as the wrapped datamodule splits them (its
+    ``val_split_mode`` etc. apply); batch sizes, workers and augmentations are the wrapped datamodule's too. ``name``
+    and ``category`` are forwarded, so results and visualisations land where the wrapped datamodule would put them.
+
+    Args:
+        datamodule: The datamodule to take the shots from.
+        k_shot: Number of normal training images kept.
+        shot_selection: ``"first"`` (first k in sorted path order, the papers' protocol) or ``"random"`` (seeded).
+        seed: Seed of the ``"random"`` selection.
+
+    Attributes:
+        shots: Paths of the chosen training images (after ``setup``), sorted.
+
+    """
+
+    def __init__(
+        self,
+        datamodule: AnomalibDataModule,
+        k_shot: int = 1,
+        shot_selection: ShotSelection = "first",
+        seed: int = 0,
+    ) -> None:
+        check_shot_arguments(k_shot, shot_selection)
+        super().__init__(
+            train_batch_size=datamodule.train_batch_size,
+            eval_batch_size=datamodule.eval_batch_size,
+            num_workers=datamodule.num_workers,
+            train_augmentations=datamodule.train_augmentations,
+            val_augmentations=datamodule.val_augmentations,
+            test_augmentations=datamodule.test_augmentations,
+            seed=seed,
+        )
+        self.datamodule = datamodule
+        self.k_shot = k_shot
+        self.shot_selection = shot_selection
+        self.shots: list[str] = []
+
+    @property
+    def name(self) -> str:
+        """Name of the wrapped datamodule (anomalib derives result and visualisation paths from it)."""
+        return self.datamodule.name
+
+    @property
+    def category(self) -> str:
+        """Category of the wrapped datamodule."""
+        return self.datamodule.category
+
+    @category.setter
+    def category(self, category: str) -> None:
+        self.datamodule.category = category
+
+    def prepare_data(self) -> None:
+        """Let the wrapped datamodule prepare (e.g. download) its data."""
+        self.datamodule.prepare_data()
+
+    def _setup(self, _stage: str | None = None) -> None:
+        """Set up the wrapped datamodule, then keep k shots of its training set."""
+        self.datamodule.setup(_stage)
+        self.train_data = few_shot_subset(
+            self.datamodule.train_data, self.k_shot, strategy=self.shot_selection, seed=self.seed
+        )
+        self.shots = self.train_data.samples["image_path"].astype(str).tolist()
+        self.test_data = self.datamodule.test_data
+        if hasattr(self.datamodule, "val_data"):
+            self.val_data = self.datamodule.val_data
+
+    def _create_test_split(self) -> None:
+        """Nothing to do: the wrapped datamodule has made its test split in its own ``setup``."""
+
+    def _create_val_split(self) -> None:
+        """Nothing to do: the wrapped datamodule has made its validation split in its own ``setup``."""

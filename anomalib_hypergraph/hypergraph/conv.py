@@ -1,0 +1,87 @@
+"""Hypergraph convolution on a soft hypergraph (HGNN, HyperTrans Eq. 8), transductive and inductive."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from anomalib_hypergraph.hypergraph.structure import SoftHypergraph, smooth_queries
+
+
+class HypergraphConv(nn.Module):
+    r"""HGNN convolution with soft incidence, without the activation (Eq. 8).
+
+    Matrix format:
+
+    .. math::
+        \mathbf{X}^{\prime} = \mathbf{D}_v^{-\frac{1}{2}} \mathbf{H} \mathbf{W} \mathbf{D}_e^{-1}
+        \mathbf{H}^\top \mathbf{D}_v^{-\frac{1}{2}} \mathbf{X} \mathbf{\Theta} + \mathbf{b}
+
+    where :math:`\mathbf{H}` is the (soft) incidence matrix, :math:`\mathbf{W}` the diagonal hyperedge weights,
+    :math:`\mathbf{D}_v`, :math:`\mathbf{D}_e` the vertex and hyperedge degrees of the weighted incidence and
+    :math:`\mathbf{\Theta}` the learnable projection. Eq. 8 is :math:`\sigma(\mathbf{X}^{\prime})`: the caller applies
+    the activation (Res-HGNN, Eq. 9, puts a sigmoid and dropout between its two convolutions). Unlike dhg's
+    ``HGNNConv`` (bias inside Theta, before smoothing), the bias is added after smoothing, so every vertex gets the
+    same offset whatever its degree.
+
+    Args:
+        in_channels: :math:`C_{in}`.
+        out_channels: :math:`C_{out}`.
+        bias: learn the additive bias :math:`\mathbf{b}` (zero-initialised).
+
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__()
+        self.theta = nn.Linear(in_channels, out_channels, bias=False)
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def _add_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.bias is None else x + self.bias
+
+    def forward(
+        self, x: torch.Tensor, hypergraph: SoftHypergraph, edge_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Convolve vertex features ``x`` ``(N, C_in)`` over ``hypergraph`` to ``(N, C_out)``.
+
+        Args:
+            x: vertex features.
+            hypergraph: the soft hypergraph over the N vertices.
+            edge_weight: optional W override ``(E,)`` (a learnable weight receives gradients).
+
+        """
+        return self._add_bias(hypergraph.smooth(self.theta(x), edge_weight))  # Eq. 8 (before sigma)
+
+    def forward_queries(
+        self,
+        query_x: torch.Tensor,
+        bank_x: torch.Tensor,
+        bank_vertex_degree: torch.Tensor,
+        neighbour_index: torch.Tensor,
+        neighbour_incidence: torch.Tensor,
+    ) -> torch.Tensor:
+        """Inductive convolution of query vertices attached to a fixed bank hypergraph (see :func:`smooth_queries`).
+
+        Only the bank rows that some query uses are projected by Theta, so the cost is O(Q * K * C_in * C_out), not
+        O(N * C_in * C_out), per call.
+
+        Args:
+            query_x: query features ``(Q, C_in)``.
+            bank_x: bank features ``(N, C_in)``, the input this layer sees on the bank hypergraph.
+            bank_vertex_degree: D_v of the bank hypergraph ``(N,)``.
+            neighbour_index: bank neighbours of each query ``(Q, K)``.
+            neighbour_incidence: their incidence ``(Q, K)``.
+
+        Returns:
+            ``(Q, C_out)``.
+
+        """
+        used, local_index = torch.unique(neighbour_index.long(), return_inverse=True)
+        smoothed = smooth_queries(
+            self.theta(query_x),
+            self.theta(bank_x[used]),
+            bank_vertex_degree[used],
+            local_index,
+            neighbour_incidence,
+        )
+        return self._add_bias(smoothed)  # Eq. 8 (before sigma), query rows

@@ -1,0 +1,215 @@
+"""Per-domain patch-feature memory banks that survive checkpoints and data-parallel filling.
+
+HyperTrans keeps a source bank (coreset of all source patches) and a target bank (the k shots' patches); H2VLR keeps a
+support gallery. Rows are staged batch by batch (:meth:`HypergraphMemoryBank.add`) and turned into the stored bank
+once (:meth:`HypergraphMemoryBank.finalize`):
+
+- under data parallelism every rank saw a different shard; the staged rows (and their keys) are gathered from all
+  ranks, so every rank ends with the full bank;
+- rows carry integer keys (e.g. image index * patches + patch): sorting by key and dropping repeated keys undoes the
+  rank interleaving and the samples a DistributedSampler repeats to pad the last batch, making the bank identical to
+  the one a single process builds. Without keys the order is rank order and repeats are kept;
+- an optional greedy coreset (anomalib's ``KCenterGreedy``) is drawn with a fixed seed, so all ranks (and reruns) pick
+  the same rows.
+
+Banks are persistent buffers named ``f"{domain}_bank"``; anomalib's ``DynamicBufferMixin`` resizes them when a state
+dict of another size is loaded, so a fresh instance can load any checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from anomalib.models.components.base import DynamicBufferMixin
+from anomalib.models.components.sampling import KCenterGreedy
+from torch import nn
+
+from anomalib_hypergraph.hypergraph.distributed import gather_rows
+from anomalib_hypergraph.hypergraph.knn import chunked_knn
+
+
+def _deduplicate_by_key(features: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Sort rows by key and keep the first row of every key."""
+    keys, order = torch.sort(keys, stable=True)
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[1:] = keys[1:] != keys[:-1]
+    return features[order[first]]
+
+
+def greedy_coreset(features: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """Greedy k-center coreset of ``int(len(features) * ratio)`` rows with anomalib's ``KCenterGreedy``, seeded.
+
+    ``KCenterGreedy`` draws its random projection and first centre from the global torch and NumPy generators; they
+    are seeded with ``seed`` inside a forked state, so the caller's random streams are left untouched.
+    """
+    num_rows = features.shape[0]
+    if int(num_rows * ratio) < 1:
+        msg = f"coreset_ratio={ratio} keeps no row of a {num_rows}-row bank; use a larger ratio or None."
+        raise ValueError(msg)
+    numpy_state = np.random.get_state()
+    fork_devices = [] if features.device.type == "cpu" else None
+    try:
+        with torch.random.fork_rng(devices=fork_devices, device_type=features.device.type):
+            torch.manual_seed(seed)
+            np.random.seed(seed)  # sklearn's sampler in KCenterGreedy reads the global NumPy state
+            indices = KCenterGreedy(embedding=features, sampling_ratio=ratio).select_coreset_idxs()
+    finally:
+        np.random.set_state(numpy_state)
+    return features[torch.as_tensor(indices, dtype=torch.long, device=features.device)]
+
+
+class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
+    """Feature banks, one per domain, stored as persistent buffers ``f"{domain}_bank"`` ``(rows, C)``.
+
+    Args:
+        domains: bank names (valid Python identifiers, unique), e.g. ``("source", "target")``.
+
+    Example:
+        >>> bank = HypergraphMemoryBank(domains=("target",))
+        >>> bank.add("target", torch.randn(6, 4), keys=torch.arange(6))
+        >>> bank.finalize("target").shape
+        torch.Size([6, 4])
+
+    """
+
+    def __init__(self, domains: Sequence[str] = ("source", "target")) -> None:
+        super().__init__()
+        domains = tuple(domains)
+        if not domains or len(set(domains)) != len(domains):
+            msg = f"HypergraphMemoryBank needs at least one domain and unique names, got {domains}."
+            raise ValueError(msg)
+        for domain in domains:
+            if not isinstance(domain, str) or not domain.isidentifier():
+                msg = f"HypergraphMemoryBank domain names must be Python identifiers, got {domain!r}."
+                raise ValueError(msg)
+            self.register_buffer(self._buffer_name(domain), torch.empty(0, 0))
+        self._domains = domains
+        self._staged_features: dict[str, list[torch.Tensor]] = {domain: [] for domain in domains}
+        self._staged_keys: dict[str, list[torch.Tensor]] = {domain: [] for domain in domains}
+
+    @staticmethod
+    def _buffer_name(domain: str) -> str:
+        return f"{domain}_bank"
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """The bank names, in construction order."""
+        return self._domains
+
+    def _check_domain(self, domain: str) -> None:
+        if domain not in self._domains:
+            msg = f"Unknown memory-bank domain {domain!r}; known domains: {list(self._domains)}."
+            raise KeyError(msg)
+
+    def add(self, domain: str, features: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+        """Stage rows for ``domain`` (not stored until :meth:`finalize`).
+
+        Args:
+            domain: bank name.
+            features: ``(n, C)`` rows (detached).
+            keys: optional ``(n,)`` integer keys identifying each row across ranks; give them for every batch of a
+                domain or for none.
+
+        """
+        self._check_domain(domain)
+        if features.ndim != 2:
+            msg = f"HypergraphMemoryBank.add expects features of shape (n, C), got {tuple(features.shape)}."
+            raise ValueError(msg)
+        staged = self._staged_features[domain]
+        if staged and staged[0].shape[1] != features.shape[1]:
+            msg = (
+                f"HypergraphMemoryBank.add: staged {domain!r} rows have {staged[0].shape[1]} channels, "
+                f"got {features.shape[1]}."
+            )
+            raise ValueError(msg)
+        if keys is not None:
+            if keys.shape != (features.shape[0],) or keys.is_floating_point() or keys.is_complex():
+                msg = (
+                    f"HypergraphMemoryBank.add: keys must be an integer tensor of shape ({features.shape[0]},), "
+                    f"got {keys.dtype} {tuple(keys.shape)}."
+                )
+                raise ValueError(msg)
+            keys = keys.to(device=features.device, dtype=torch.long)
+        if staged and (keys is None) != (not self._staged_keys[domain]):
+            msg = f"HypergraphMemoryBank.add: give keys for every batch of {domain!r} or for none."
+            raise ValueError(msg)
+        staged.append(features.detach())
+        if keys is not None:
+            self._staged_keys[domain].append(keys)
+
+    def finalize(
+        self, domain: str, coreset_ratio: float | None = None, gather: bool = True, seed: int = 0
+    ) -> torch.Tensor:
+        """Turn the staged rows into the stored bank and clear the stage.
+
+        Steps: concatenate; gather from all ranks (``gather=True``, no-op without torch.distributed); with keys, sort by
+        key and keep one row per key; with ``coreset_ratio < 1``, keep a seeded greedy coreset of
+        ``int(rows * coreset_ratio)`` rows. Under data parallelism every rank must call it (gathering is collective).
+
+        Args:
+            domain: bank name.
+            coreset_ratio: fraction kept by the greedy coreset, in (0, 1]; None or 1 keeps every row.
+            gather: gather the rows of all ranks.
+            seed: seed of the coreset's random start and projection.
+
+        Returns:
+            The stored bank ``(rows, C)``.
+
+        Raises:
+            RuntimeError: nothing was staged for ``domain``.
+            ValueError: ``coreset_ratio`` outside (0, 1] or too small to keep one row.
+
+        """
+        self._check_domain(domain)
+        if coreset_ratio is not None and not 0 < coreset_ratio <= 1:
+            msg = f"coreset_ratio must be in (0, 1] or None, got {coreset_ratio}."
+            raise ValueError(msg)
+        if not self._staged_features[domain]:
+            msg = f"HypergraphMemoryBank.finalize: nothing staged for domain {domain!r}; call add() first."
+            raise RuntimeError(msg)
+        features = torch.cat(self._staged_features[domain])
+        keys = torch.cat(self._staged_keys[domain]) if self._staged_keys[domain] else None
+        if gather:
+            features = gather_rows(features)
+            keys = gather_rows(keys) if keys is not None else None
+        if keys is not None:
+            features = _deduplicate_by_key(features, keys)
+        if coreset_ratio is not None and coreset_ratio < 1:
+            features = greedy_coreset(features, coreset_ratio, seed)
+        self._staged_features[domain] = []
+        self._staged_keys[domain] = []
+        self.set(domain, features)
+        return self.get(domain)
+
+    def set(self, domain: str, features: torch.Tensor) -> None:
+        """Store ``features`` ``(rows, C)`` as the bank of ``domain`` directly (no gathering or coreset)."""
+        self._check_domain(domain)
+        if features.ndim != 2:
+            msg = f"HypergraphMemoryBank.set expects features of shape (rows, C), got {tuple(features.shape)}."
+            raise ValueError(msg)
+        setattr(self, self._buffer_name(domain), features.detach().contiguous())
+
+    def get(self, domain: str) -> torch.Tensor:
+        """Return the stored bank of ``domain`` (``(0, 0)`` before anything was stored)."""
+        self._check_domain(domain)
+        return getattr(self, self._buffer_name(domain))
+
+    def has(self, domain: str) -> bool:
+        """Whether the bank of ``domain`` holds at least one row."""
+        return self.get(domain).shape[0] > 0
+
+    def nearest(
+        self, query: torch.Tensor, domain: str, k: int = 1, chunk_size: int = 2048
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact k nearest bank rows of each query row (chunked), as ``(distances, indices)`` ``(Q, k)``."""
+        if not self.has(domain):
+            msg = f"HypergraphMemoryBank.nearest: the {domain!r} bank is empty."
+            raise RuntimeError(msg)
+        bank = self.get(domain)
+        return chunked_knn(query.to(bank.dtype), bank, k, chunk_size=chunk_size)
+
+    def extra_repr(self) -> str:
+        """Bank sizes, e.g. ``source=(1200, 768), target=(784, 768)``."""
+        return ", ".join(f"{domain}={tuple(self.get(domain).shape)}" for domain in self._domains)

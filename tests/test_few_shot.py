@@ -1,0 +1,219 @@
+"""Few-shot sampling: shot selection, normal-only subsets, the FewShot wrapper (Folder, jsonargparse, MVTecAD)."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import AnomalibDataModule, Folder, ImageBatch, MVTecAD
+from jsonargparse import ArgumentParser
+from PIL import Image
+
+from anomalib_hypergraph.data import FewShot, few_shot_subset, select_shots
+
+MVTEC_AD_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad"
+IMAGE_SIZE = 32
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture
+def folder_root(tmp_path: Path) -> Path:
+    """Hand-made Folder dataset: 7 normal train, 3 normal test, 4 abnormal test images with 0/255 masks."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tiny_folder"
+    for folder, count in (("good", 7), ("good_test", 3), ("bad", 4)):
+        for index in range(count):
+            image = rng.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+            _write_png(root / folder / f"{index:03d}.png", image)
+    for index in range(4):
+        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+        mask[4 + index : 12 + index, 8:20] = 255
+        _write_png(root / "masks" / f"{index:03d}.png", mask)
+    return root
+
+
+def _folder(root: Path, **kwargs: object) -> Folder:
+    return Folder(
+        name="tiny_folder",
+        root=root,
+        normal_dir="good",
+        abnormal_dir="bad",
+        normal_test_dir="good_test",
+        mask_dir="masks",
+        train_batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+        val_split_mode="same_as_test",
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# select_shots
+# ---------------------------------------------------------------------------------------------------------------
+
+PATHS = [f"/data/cat/train/good/{index:03d}.png" for index in range(50)]
+
+
+def test_first_strategy_takes_the_first_k_sorted_paths_whatever_the_input_order() -> None:
+    shuffled = PATHS.copy()
+    random.Random(3).shuffle(shuffled)
+    chosen = select_shots(shuffled, 3, strategy="first")
+    assert [shuffled[index] for index in chosen] == PATHS[:3]
+
+
+def test_random_strategy_is_deterministic_per_seed_and_independent_of_input_order() -> None:
+    shuffled = PATHS.copy()
+    random.Random(5).shuffle(shuffled)
+    picks = {}
+    for seed in (0, 1, 2):
+        from_sorted = [PATHS[index] for index in select_shots(PATHS, 5, strategy="random", seed=seed)]
+        from_shuffled = [shuffled[index] for index in select_shots(shuffled, 5, strategy="random", seed=seed)]
+        assert from_sorted == from_shuffled
+        assert from_sorted == sorted(from_sorted)
+        assert len(set(from_sorted)) == 5
+        picks[seed] = tuple(from_sorted)
+    assert len(set(picks.values())) == 3  # different seeds, different shots
+    assert picks[0] != tuple(PATHS[:5])  # random really is not "first"
+
+
+def test_select_shots_errors_name_counts_and_location() -> None:
+    with pytest.raises(ValueError, match=r"k_shot=4 normal shots were requested, but only 3 .* found in /data/cat"):
+        select_shots(PATHS[:3], 4)
+    with pytest.raises(ValueError, match=r"only 2 .* found in my folder"):
+        select_shots(PATHS[:2], 3, location="my folder")
+    with pytest.raises(ValueError, match=r"k_shot must be an int >= 1.*got 0"):
+        select_shots(PATHS, 0)
+    with pytest.raises(ValueError, match=r"strategy must be one of \('first', 'random'\), got 'last'"):
+        select_shots(PATHS, 1, strategy="last")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# few_shot_subset and FewShot on a Folder dataset
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_few_shot_subset_keeps_only_normal_images(folder_root: Path) -> None:
+    datamodule = _folder(folder_root)
+    datamodule.setup()
+    test_set = datamodule.test_data  # 3 normal + 4 abnormal
+    normal_paths = sorted(test_set.samples.loc[test_set.samples.label_index == 0, "image_path"])
+    subset = few_shot_subset(test_set, 3, strategy="random", seed=1)
+    assert type(subset) is type(test_set)
+    assert (subset.samples.label_index == 0).all()
+    assert sorted(subset.samples.image_path) == normal_paths
+    with pytest.raises(
+        ValueError, match=r"k_shot=4 .* only 3 normal images were found in the tiny_folder dataset under .*tiny_folder"
+    ):
+        few_shot_subset(test_set, 4)
+
+
+def test_few_shot_wrapper_on_folder(folder_root: Path) -> None:
+    wrapped = _folder(folder_root)
+    datamodule = FewShot(wrapped, k_shot=2)
+    datamodule.setup()
+    expected_shots = [str(folder_root / "good" / f"{index:03d}.png") for index in range(2)]
+    assert datamodule.shots == expected_shots
+    assert datamodule.name == "tiny_folder"
+    assert datamodule.category == wrapped.category
+    batches = list(datamodule.train_dataloader())
+    assert all(isinstance(batch, ImageBatch) for batch in batches)
+    assert sorted(path for batch in batches for path in batch.image_path) == expected_shots
+    assert torch.equal(torch.cat([batch.gt_label for batch in batches]), torch.zeros(2, dtype=torch.bool))
+    # val/test are the wrapped datamodule's: all 7 test images, masks 0/1 matching the labels.
+    assert len(datamodule.test_data) == 7
+    test_batches = list(datamodule.test_dataloader())
+    labels = torch.cat([batch.gt_label for batch in test_batches])
+    masks = torch.cat([batch.gt_mask for batch in test_batches])
+    assert set(masks.unique().tolist()) <= {0, 1}
+    assert torch.equal(masks.flatten(1).any(dim=1), labels.bool())
+    assert int(labels.sum()) == 4
+    assert len(datamodule.val_data) == 7
+
+    random_shots = FewShot(_folder(folder_root), k_shot=2, shot_selection="random", seed=4)
+    random_shots.setup()
+    again = FewShot(_folder(folder_root), k_shot=2, shot_selection="random", seed=4)
+    again.setup()
+    assert random_shots.shots == again.shots
+    assert all(Path(path).parent.name == "good" for path in random_shots.shots)
+
+
+def test_few_shot_wrapper_errors(folder_root: Path) -> None:
+    with pytest.raises(ValueError, match=r"k_shot must be an int >= 1"):
+        FewShot(_folder(folder_root), k_shot=0)
+    datamodule = FewShot(_folder(folder_root), k_shot=8)
+    with pytest.raises(ValueError, match=r"k_shot=8 .* only 7 normal images were found in .*good"):
+        datamodule.setup()
+
+
+def test_few_shot_through_jsonargparse(folder_root: Path, tmp_path: Path) -> None:
+    """The anomalib CLI builds ``--data`` with ``add_subclass_arguments(AnomalibDataModule, "data")``."""
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(AnomalibDataModule, "data", required=False, fail_untyped=False)
+    config = parser.parse_args(
+        [
+            "--data=anomalib_hypergraph.data.FewShot",
+            "--data.k_shot=3",
+            "--data.shot_selection=random",
+            "--data.seed=7",
+            "--data.datamodule=anomalib.data.Folder",
+            "--data.datamodule.name=tiny_folder",
+            f"--data.datamodule.root={folder_root}",
+            "--data.datamodule.normal_dir=good",
+            "--data.datamodule.abnormal_dir=bad",
+            "--data.datamodule.normal_test_dir=good_test",
+            "--data.datamodule.mask_dir=masks",
+            "--data.datamodule.num_workers=0",
+        ]
+    )
+    datamodule = parser.instantiate_classes(config).data
+    assert isinstance(datamodule, FewShot)
+    assert isinstance(datamodule.datamodule, Folder)
+    assert (datamodule.k_shot, datamodule.shot_selection, datamodule.seed) == (3, "random", 7)
+    datamodule.setup()
+    assert len(datamodule.train_data) == 3
+
+    config_file = tmp_path / "data.yaml"
+    config_file.write_text(
+        "class_path: anomalib_hypergraph.data.FewShot\n"
+        "init_args:\n"
+        "  k_shot: 2\n"
+        "  datamodule:\n"
+        "    class_path: anomalib.data.Folder\n"
+        "    init_args:\n"
+        "      name: tiny_folder\n"
+        f"      root: {folder_root}\n"
+        "      normal_dir: good\n"
+        "      normal_test_dir: good_test\n"
+        "      abnormal_dir: bad\n"
+        "      mask_dir: masks\n"
+        "      num_workers: 0\n"
+    )
+    from_config = AnomalibDataModule.from_config(config_file)
+    assert isinstance(from_config, FewShot)
+    from_config.setup()
+    assert from_config.shots == [str(folder_root / "good" / f"{index:03d}.png") for index in range(2)]
+
+
+@pytest.mark.skipif(not (MVTEC_AD_ROOT / "bottle").is_dir(), reason="shared MVTec AD bottle data not present")
+def test_few_shot_on_mvtec_ad_bottle() -> None:
+    datamodule = FewShot(
+        MVTecAD(root=MVTEC_AD_ROOT, category="bottle", train_batch_size=4, eval_batch_size=4, num_workers=0),
+        k_shot=2,
+    )
+    datamodule.setup()
+    assert datamodule.name == "MVTecAD"
+    assert datamodule.category == "bottle"
+    assert [Path(path).name for path in datamodule.shots] == ["000.png", "001.png"]
+    train_batch = next(iter(datamodule.train_dataloader()))
+    assert isinstance(train_batch, ImageBatch)
+    assert train_batch.image.shape[0] == 2
+    assert len(datamodule.test_data) == 83  # 20 good + 63 defective
+    test_batch = next(iter(datamodule.test_dataloader()))
+    assert test_batch.gt_mask.shape[-2:] == test_batch.image.shape[-2:]
+    assert torch.equal(test_batch.gt_mask.flatten(1).any(dim=1), test_batch.gt_label.bool())
