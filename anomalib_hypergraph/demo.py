@@ -58,12 +58,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         epochs_rectification=args.epochs_rectification,
         seed=args.seed,
     )
-    engine = Engine(default_root_dir=args.results, accelerator="cpu", devices=1, max_epochs=args.epochs_perturbation + 1)
+    engine = Engine(
+        default_root_dir=args.results, accelerator="cpu", devices=1, max_epochs=args.epochs_perturbation + 1
+    )
     engine.fit(model=model, datamodule=datamodule)
     (metrics,) = engine.test(model=model, datamodule=datamodule)
     elapsed = time.perf_counter() - started
 
-    print(f"\nHyperTrans demo: {args.category}, RGB -> depth, {args.k_shot}-shot, backbone {DEMO_BACKBONE} (offline weights)")
+    print(
+        f"\nHyperTrans demo: {args.category}, RGB -> depth, {args.k_shot}-shot, "
+        f"backbone {DEMO_BACKBONE} (offline weights)"
+    )
     for name in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
         if name in metrics:
             print(f"  {name:12s} {metrics[name]:.4f}")

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 class CrossDomainPreProcessor(PreProcessor):
     """anomalib ``PreProcessor`` whose training hook also accepts a dictionary of per-domain batches."""
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:  # noqa: ANN401
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Transform every batch of a ``{domain: batch}`` dictionary, or the batch itself."""
         batches = batch.values() if isinstance(batch, dict) else [batch]
         for domain_batch in batches:
@@ -24,7 +24,7 @@ class CrossDomainPreProcessor(PreProcessor):
 
     @classmethod
     def from_pre_processor(cls, pre_processor: PreProcessor) -> CrossDomainPreProcessor:
-        """The same transform in a pre-processor that accepts cross-domain batches."""
+        """Wrap the same transform in a pre-processor that accepts cross-domain batches."""
         if isinstance(pre_processor, cls):
             return pre_processor
         return cls(transform=pre_processor.transform)

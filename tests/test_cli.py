@@ -71,7 +71,7 @@ def test_train_then_predict_with_the_stock_command(
             str(tmp_path / "cache"),
             "--trainer.max_epochs",
             "2",
-            "--logger",
+            "--trainer.logger",
             "false",
             "--default_root_dir",
             str(tmp_path / "results"),

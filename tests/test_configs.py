@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from anomalib.data import AnomalibDataModule
-from anomalib.models import get_model
+from anomalib.models import AnomalibModule
 from jsonargparse import ArgumentParser
 
 from anomalib_hypergraph.models import HyperTrans
@@ -21,7 +21,10 @@ def test_model_configs_build_the_model_they_describe(path: Path) -> None:
     init_args = dict(config["init_args"])
     if init_args["backbone"] != "tf_efficientnet_lite0":
         init_args["pretrained"] = False  # the hub is out of reach in tests; the architecture is what is checked
-    model = get_model({"class_path": config["class_path"], "init_args": init_args})
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(AnomalibModule, "model")  # as anomalib's CLI reads --model / --config
+    parsed = parser.parse_object({"model": {"class_path": config["class_path"], "init_args": init_args}})
+    model = parser.instantiate_classes(parsed).model
     assert isinstance(model, HyperTrans)
     for name, value in init_args.items():
         expected = tuple(value) if isinstance(value, list) else value

@@ -25,10 +25,10 @@ class CollectScores(Callback):
         for path, score in zip(outputs.image_path, outputs.pred_score, strict=True):
             self.scores[str(Path(path).resolve())] = float(score)
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(outputs)
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(outputs)
 
 
@@ -45,7 +45,12 @@ def make_datamodule(root: Path, category: str) -> MVTec3DCrossDomain:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, synthetic_category: str, tiny_hypertrans_kwargs: dict):
+def trained(
+    tmp_path_factory: pytest.TempPathFactory,
+    synthetic_root: Path,
+    synthetic_category: str,
+    tiny_hypertrans_kwargs: dict,
+):
     """A HyperTrans trained by Engine.fit on the synthetic RGB -> depth data, plus its initial adapter weights."""
     torch.manual_seed(0)
     workdir = tmp_path_factory.mktemp("engine")
@@ -54,10 +59,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, synt
     initial_rectifier = {k: v.clone() for k, v in model.model.rectifier.state_dict().items()}
     datamodule = make_datamodule(synthetic_root, synthetic_category)
     scores = CollectScores()
-    engine = Engine(default_root_dir=workdir, accelerator="cpu", devices=1, max_epochs=5, callbacks=[scores], logger=False)
+    engine = Engine(
+        default_root_dir=workdir, accelerator="cpu", devices=1, max_epochs=5, callbacks=[scores], logger=False
+    )
     engine.fit(model=model, datamodule=datamodule)
+    fit_metrics = dict(engine.trainer.callback_metrics)  # engine.test replaces them
     metrics = engine.test(model=model, datamodule=datamodule)[0]
     return {
+        "fit_metrics": fit_metrics,
         "model": model,
         "engine": engine,
         "datamodule": datamodule,
@@ -76,10 +85,12 @@ def test_both_stages_train(trained: dict) -> None:
     adapters = model.model.perturbation.state_dict()
     assert any(not torch.equal(adapters[k], v) for k, v in trained["initial_adapters"].items()), "stage 1 did not train"
     rectifier = model.model.rectifier.state_dict()
-    assert any(not torch.equal(rectifier[k], v) for k, v in trained["initial_rectifier"].items()), "stage 2 did not train"
+    assert any(not torch.equal(rectifier[k], v) for k, v in trained["initial_rectifier"].items()), (
+        "stage 2 did not train"
+    )
     # 1 perturbation epoch + the bank epoch, although max_epochs allowed 5: the model stops itself.
     assert trained["engine"].trainer.current_epoch == 2
-    callback_metrics = trained["engine"].trainer.callback_metrics
+    callback_metrics = trained["fit_metrics"]
     assert "train/loss_dp_epoch" in callback_metrics or "train/loss_dp" in callback_metrics
     assert float(callback_metrics["train/loss_dr"]) < float(callback_metrics["train/loss_dr_first"])
 
@@ -104,7 +115,9 @@ def test_test_metrics_are_reported(trained: dict) -> None:
 def test_predict_on_a_folder_reproduces_test_scores(trained: dict, tmp_path: Path) -> None:
     engine: Engine = trained["engine"]
     model: HyperTrans = trained["model"]
-    checkpoint = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    checkpoint = (
+        engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    )
     assert checkpoint and Path(checkpoint).is_file()
     test_paths = sorted(trained["test_scores"])
     folder = Path(test_paths[-1]).parent
@@ -120,7 +133,9 @@ def test_predict_on_a_folder_reproduces_test_scores(trained: dict, tmp_path: Pat
 
 def test_checkpoint_round_trip(trained: dict) -> None:
     engine: Engine = trained["engine"]
-    checkpoint = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    checkpoint = (
+        engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    )
     restored = HyperTrans.load_from_checkpoint(checkpoint, **{"visualizer": False})
     original: HyperTrans = trained["model"]
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -142,7 +157,9 @@ def test_checkpoint_of_another_model_is_refused(tmp_path: Path, trained: dict) -
 
 
 def test_get_model_resolves_the_short_name() -> None:
-    model = get_model("HyperTrans", backbone="vit_tiny_patch16_224", pretrained=False, model_kwargs={"img_size": 64, "depth": 2})
+    model = get_model(
+        "HyperTrans", backbone="vit_tiny_patch16_224", pretrained=False, model_kwargs={"img_size": 64, "depth": 2}
+    )
     assert isinstance(model, HyperTrans)
 
 
@@ -172,7 +189,13 @@ def test_single_domain_datamodule_uses_the_shots_as_target(tmp_path: Path, tiny_
             pixels = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(tmp_path / split / f"{index:03d}.png")
     folder = Folder(
-        name="toy", root=tmp_path, normal_dir="good", abnormal_dir="bad", train_batch_size=2, eval_batch_size=2, num_workers=0
+        name="toy",
+        root=tmp_path,
+        normal_dir="good",
+        abnormal_dir="bad",
+        train_batch_size=2,
+        eval_batch_size=2,
+        num_workers=0,
     )
     datamodule = FewShot(datamodule=folder, k_shot=2, seed=0)
     model = HyperTrans(**tiny_hypertrans_kwargs)

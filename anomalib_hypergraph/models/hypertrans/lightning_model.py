@@ -82,10 +82,12 @@ class HyperTrans(AnomalibModule):
         post_processor: post-processor or ``True`` for anomalib's default.
         evaluator: evaluator or ``True`` for anomalib's default metrics.
         visualizer: visualizer or ``True`` for anomalib's default.
+
     """
 
     def __init__(
         self,
+        *,
         backbone: str = "vit_base_patch8_224.dino",
         layers: Sequence[str] | None = None,
         pretrained: bool = True,
@@ -128,7 +130,10 @@ class HyperTrans(AnomalibModule):
             visualizer=visualizer,
         )
         if epochs_perturbation < 0 or epochs_rectification < 0:
-            msg = f"epochs_perturbation and epochs_rectification must be >= 0, got {epochs_perturbation}, {epochs_rectification}."
+            msg = (
+                "epochs_perturbation and epochs_rectification must be >= 0, "
+                f"got {epochs_perturbation}, {epochs_rectification}."
+            )
             raise ValueError(msg)
         if not 0 < coreset_sampling_ratio <= 1:
             msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio}."
@@ -180,7 +185,7 @@ class HyperTrans(AnomalibModule):
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """anomalib's default one-class post-processing (normalisation and adaptive thresholds from validation)."""
+        """Anomalib's default one-class post-processing (normalisation and adaptive thresholds from validation)."""
         return PostProcessor()
 
     @property
@@ -190,7 +195,7 @@ class HyperTrans(AnomalibModule):
 
     @property
     def learning_type(self) -> LearningType:
-        """``ONE_CLASS``: trained on normal images only, and (unlike ``FEW_SHOT``) actually trained by ``Engine.fit``."""
+        """``ONE_CLASS``: trained on normal images only and (unlike ``FEW_SHOT``) really trained by ``Engine.fit``."""
         return LearningType.ONE_CLASS
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
@@ -256,6 +261,11 @@ class HyperTrans(AnomalibModule):
                 keys = patch_keys(domain_batch.image_path, patches_per_image, features.device)
                 self.model.memory_bank.add(domain, flatten_patches(features), keys)
                 self._staged_domains.add(domain)
+        # Count the bank step as a training step (Patchcore does so with a dummy loss): no gradients exist, so no
+        # weight moves, but the global step advances and the checkpoint of this epoch is not skipped as "already saved".
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        optimizer.step()
         if batch_idx == self.trainer.num_training_batches - 1:
             self._finish_fit()
         return None
@@ -290,7 +300,7 @@ class HyperTrans(AnomalibModule):
         self._staged_domains.clear()
         self.trainer.should_stop = True
 
-    def _train_rectifier(self, problem: Any) -> None:  # noqa: ANN401
+    def _train_rectifier(self, problem: Any) -> None:
         """Stage 2: full-graph iterations of the residual HGNN on Eq. 11.
 
         Gradients are taken with ``torch.autograd.grad`` on identical data and a seeded RNG on every rank, so ranks stay
@@ -314,7 +324,12 @@ class HyperTrans(AnomalibModule):
                 if self.logger is not None:
                     self.logger.log_metrics({"train/loss_dr": losses[-1]}, step=iteration)
                 if iteration == 0 or (iteration + 1) % 10 == 0 or iteration + 1 == self.epochs_rectification:
-                    logger.info("HDR stage 2: iteration %d/%d, L_dr = %.6f", iteration + 1, self.epochs_rectification, losses[-1])
+                    logger.info(
+                        "HDR stage 2: iteration %d/%d, L_dr = %.6f",
+                        iteration + 1,
+                        self.epochs_rectification,
+                        losses[-1],
+                    )
         rectifier.eval()
         if losses:
             self.log("train/loss_dr_first", losses[0])
@@ -342,7 +357,9 @@ class HyperTrans(AnomalibModule):
         if bool(self.model.is_fitted) or self._provisional_target_bank is None:
             predictions = self.model(batch.image)
         else:
-            predictions = self.model.score_against(batch.image, source_bank=None, target_bank=self._provisional_target_bank)
+            predictions = self.model.score_against(
+                batch.image, source_bank=None, target_bank=self._provisional_target_bank
+            )
         return batch.update(**predictions._asdict())
 
     def _target_shot_images(self) -> Iterator[torch.Tensor]:
@@ -385,7 +402,7 @@ def patch_keys(image_paths: Sequence[str], patches_per_image: int, device: torch
         msg = f"{patches_per_image} patches per image exceed the {2**PATCH_INDEX_BITS} that patch keys can index."
         raise ValueError(msg)
     image_keys = torch.tensor(
-        [int(hashlib.sha1(str(path).encode()).hexdigest()[:12], 16) for path in image_paths],  # noqa: S324
+        [int(hashlib.sha1(str(path).encode()).hexdigest()[:12], 16) for path in image_paths],
         dtype=torch.long,
         device=device,
     )

@@ -66,8 +66,9 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         pretrained_weights: local weights file for the backbone (air-gapped machines).
         model_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. tiny test models).
         perturbed_stages: 0-based backbone stages followed by perturbation and an adapter. ``None`` = the paper's
-            layers 3..10 of a 12-block ViT (indices 2..9: all blocks but the first two and the last two); for a CNN,
-            every stage from the second up to the one before the last feature stage.
+            layers 3..10 of a 12-block ViT (indices 2..9: all blocks but the first two and the last two; shallow test
+            ViTs keep at least one block); for a CNN, every stage from the second up to the one before the last
+            feature stage.
         noise_mean: mean of the Perlin channel factors P_avg, P_std (paper: 0).
         noise_std: standard deviation of the Perlin channel factors (paper: 0.75).
         adapter_reduction: bottleneck reduction of the residual adapters (our choice; the paper only says adapter).
@@ -82,10 +83,12 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         use_domain_perturbation: ablation switch for DP (adapters are then absent).
         use_rectification: ablation switch for HDR (banks and queries are then used as extracted).
         use_cross_domain_scoring: ablation switch for CDS (off: one nearest-neighbour bank, the union of both).
+
     """
 
     def __init__(
         self,
+        *,
         backbone: str = "vit_base_patch8_224.dino",
         layers: Sequence[str] | None = None,
         pretrained: bool = True,
@@ -121,7 +124,9 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         self.perturbation: DomainPerturbation | None = None
         if use_domain_perturbation:
             stages = (
-                list(perturbed_stages) if perturbed_stages is not None else default_perturbed_stages(self.feature_extractor)
+                list(perturbed_stages)
+                if perturbed_stages is not None
+                else default_perturbed_stages(self.feature_extractor)
             )
             self.perturbation = DomainPerturbation(
                 stage_channels=self.feature_extractor.stage_channels,
@@ -180,9 +185,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
     @property
     def rectification_enabled(self) -> bool:
         """Whether HDR can run: switched on and both domains have a bank."""
-        return (
-            self.rectifier is not None and self.memory_bank.has(SOURCE) and self.memory_bank.has(TARGET)
-        )
+        return self.rectifier is not None and self.memory_bank.has(SOURCE) and self.memory_bank.has(TARGET)
 
     def bank_vertices(self) -> torch.Tensor:
         """Vertices of the cross-domain hypergraph: target bank rows first, then source bank rows."""
@@ -251,7 +254,9 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         if self.rectifier is None or self.rectifier_bank_hidden.numel() == 0:
             return patches
         bank = self.bank_vertices()
-        distances, neighbours = chunked_knn(patches, bank, min(self.num_neighbors, bank.shape[0]), chunk_size=self.chunk_size)
+        distances, neighbours = chunked_knn(
+            patches, bank, min(self.num_neighbors, bank.shape[0]), chunk_size=self.chunk_size
+        )
         incidence = incidence_from_distance(distances, kernel=self.incidence_kernel)
         return self.rectifier.forward_queries(
             patches,
@@ -301,8 +306,9 @@ def flatten_patches(features: torch.Tensor) -> torch.Tensor:
 
 
 def default_perturbed_stages(extractor: PatchFeatureExtractor) -> list[int]:
-    """Stages followed by perturbation when the user does not choose (see ``HyperTransModel``'s ``perturbed_stages``)."""
+    """Stages followed by perturbation when the user does not choose (see ``HyperTransModel.perturbed_stages``)."""
     if extractor.kind == "vit":
-        return list(range(2, max(extractor.num_stages - 2, 3)))
+        first = max(min(2, extractor.num_stages - 2), 0)
+        return list(range(first, max(extractor.num_stages - 2, first + 1)))
     last_feature_stage = max(extractor.stage_names.index(layer) for layer in extractor.layers)
     return list(range(1, max(last_feature_stage, 2)))
