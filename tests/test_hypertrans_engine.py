@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from anomalib.models import Patchcore, get_model
 from lightning.pytorch import Callback
@@ -81,7 +82,7 @@ def trained(
 
 def test_both_stages_train(trained: dict) -> None:
     model: HyperTrans = trained["model"]
-    assert bool(model.model.is_fitted)
+    assert model.model.is_fitted
     adapters = model.model.perturbation.state_dict()
     assert any(not torch.equal(adapters[k], v) for k, v in trained["initial_adapters"].items()), "stage 1 did not train"
     rectifier = model.model.rectifier.state_dict()
@@ -174,7 +175,7 @@ def test_short_epoch_budget_still_builds_the_banks(
     engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1, logger=False)
     with caplog.at_level(logging.WARNING):
         engine.fit(model=model, datamodule=make_datamodule(synthetic_root, synthetic_category))
-    assert bool(model.model.is_fitted)
+    assert model.model.is_fitted
     assert "leaves room for 0 of the 3 domain-perturbation epochs" in caplog.text
 
 
@@ -201,7 +202,28 @@ def test_single_domain_datamodule_uses_the_shots_as_target(tmp_path: Path, tiny_
     model = HyperTrans(**tiny_hypertrans_kwargs)
     engine = Engine(default_root_dir=tmp_path / "run", accelerator="cpu", devices=1, max_epochs=3, logger=False)
     engine.fit(model=model, datamodule=datamodule)
-    assert bool(model.model.is_fitted)
+    assert model.model.is_fitted
     assert not model.model.memory_bank.has("source")
     assert model.model.memory_bank.get("target").shape[0] == 2 * 64
     assert model.model.rectified_source.numel() == 0
+
+
+def test_onnx_export_scores_like_the_torch_model(trained: dict, tmp_path: Path) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model: HyperTrans = trained["model"]
+    exported = trained["engine"].export(model=model, export_type=ExportType.ONNX, export_root=tmp_path)
+    session = onnxruntime.InferenceSession(str(exported))
+    model.eval()
+    for batch_size in (1, 3):  # the batch axis stays dynamic
+        images = torch.rand(batch_size, 3, 64, 64, generator=torch.Generator().manual_seed(batch_size))
+        with torch.no_grad():
+            expected = model(images)
+        outputs = dict(
+            zip(
+                (output.name for output in session.get_outputs()),
+                session.run(None, {session.get_inputs()[0].name: images.numpy()}),
+                strict=True,
+            )
+        )
+        torch.testing.assert_close(torch.from_numpy(outputs["pred_score"]), expected.pred_score, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(outputs["anomaly_map"]), expected.anomaly_map, atol=1e-4, rtol=0)

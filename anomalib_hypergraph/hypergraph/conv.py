@@ -62,8 +62,8 @@ class HypergraphConv(nn.Module):
     ) -> torch.Tensor:
         """Inductive convolution of query vertices attached to a fixed bank hypergraph (see :func:`smooth_queries`).
 
-        Only the bank rows that some query uses are projected by Theta, so the cost is O(Q * K * C_in * C_out), not
-        O(N * C_in * C_out), per call.
+        The smoothing is linear, so it runs before Theta: the cost is O(Q * K * C_in + Q * C_in * C_out) per call,
+        independent of the bank size N, and the graph is free of data-dependent shapes (ONNX export).
 
         Args:
             query_x: query features ``(Q, C_in)``.
@@ -76,12 +76,5 @@ class HypergraphConv(nn.Module):
             ``(Q, C_out)``.
 
         """
-        used, local_index = torch.unique(neighbour_index.long(), return_inverse=True)
-        smoothed = smooth_queries(
-            self.theta(query_x),
-            self.theta(bank_x[used]),
-            bank_vertex_degree[used],
-            local_index,
-            neighbour_incidence,
-        )
-        return self._add_bias(smoothed)  # Eq. 8 (before sigma), query rows
+        smoothed = smooth_queries(query_x, bank_x, bank_vertex_degree, neighbour_index, neighbour_incidence)
+        return self._add_bias(self.theta(smoothed))  # Eq. 8 (before sigma), query rows

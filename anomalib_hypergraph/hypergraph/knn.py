@@ -93,33 +93,65 @@ def chunked_knn(
         )
         raise ValueError(msg)
 
-    num_query, num_reference = query.shape[0], reference.shape[0]
+    num_query = query.shape[0]
+    # Under torch.export (ONNX) the queries form one block, so that the batch size stays a dynamic axis; the bank
+    # (fixed size) is still walked in chunks, so memory stays O(Q * chunk_size).
+    if torch.compiler.is_exporting() and not exclude_self:
+        query_starts = [0]
+        query_blocks = [query]
+    else:
+        query_starts = list(range(0, num_query, chunk_size))
+        query_blocks = [query[start : start + chunk_size] for start in query_starts]
     all_distances, all_indices = [], []
     with torch.no_grad():
         reference_squared_norm = reference.pow(2).sum(dim=1)
-        for query_start in range(0, num_query, chunk_size):
-            query_stop = min(query_start + chunk_size, num_query)
-            query_block = query[query_start:query_stop]
-            best_distances = query.new_empty((query_block.shape[0], 0))
-            best_indices = torch.empty((query_block.shape[0], 0), dtype=torch.long, device=query.device)
-            for reference_start in range(0, num_reference, chunk_size):
-                reference_stop = min(reference_start + chunk_size, num_reference)
-                block = _block_ranking_distances(
-                    query_block,
-                    reference[reference_start:reference_stop],
-                    reference_squared_norm[reference_start:reference_stop],
-                )
-                if exclude_self and reference_start == query_start:  # same chunking: the block holding i == i
-                    block.diagonal().fill_(torch.inf)
-                block_distances, block_indices = torch.topk(block, min(k, block.shape[1]), dim=1, largest=False)
-                candidates = torch.cat([best_distances, block_distances], dim=1)
-                candidate_indices = torch.cat([best_indices, block_indices + reference_start], dim=1)
-                best_distances, position = torch.topk(candidates, min(k, candidates.shape[1]), dim=1, largest=False)
-                best_indices = torch.gather(candidate_indices, 1, position)
-            exact, order = torch.sort(_exact_distances(query_block, reference, best_indices), dim=1, stable=True)
-            all_distances.append(exact)
-            all_indices.append(torch.gather(best_indices, 1, order))
+        for query_start, query_block in zip(query_starts, query_blocks, strict=True):
+            distances, indices = _knn_of_block(
+                query_block,
+                reference,
+                reference_squared_norm,
+                k,
+                chunk_size=chunk_size,
+                self_offset=query_start if exclude_self else None,
+            )
+            all_distances.append(distances)
+            all_indices.append(indices)
     return torch.cat(all_distances), torch.cat(all_indices)
+
+
+def _knn_of_block(
+    query_block: torch.Tensor,
+    reference: torch.Tensor,
+    reference_squared_norm: torch.Tensor,
+    k: int,
+    *,
+    chunk_size: int,
+    self_offset: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest references of one query block, walking the references in chunks (see :func:`chunked_knn`).
+
+    ``self_offset`` is the row of ``reference`` that the block's first query is (self-exclusion), or None.
+    """
+    num_reference = reference.shape[0]
+    best_distances = query_block.new_empty((query_block.shape[0], 0))
+    best_indices = torch.empty((query_block.shape[0], 0), dtype=torch.long, device=query_block.device)
+    for reference_start in range(0, num_reference, chunk_size):
+        reference_stop = min(reference_start + chunk_size, num_reference)
+        block = _block_ranking_distances(
+            query_block,
+            reference[reference_start:reference_stop],
+            reference_squared_norm[reference_start:reference_stop],
+        )
+        if self_offset is not None and reference_start == self_offset:  # same chunking: the block holding i == i
+            block.diagonal().fill_(torch.inf)
+        block_distances, block_indices = torch.topk(block, min(k, block.shape[1]), dim=1, largest=False)
+        candidates = torch.cat([best_distances, block_distances], dim=1)
+        candidate_indices = torch.cat([best_indices, block_indices + reference_start], dim=1)
+        best_distances, position = torch.topk(candidates, min(k, candidates.shape[1]), dim=1, largest=False)
+        best_indices = torch.gather(candidate_indices, 1, position)
+    exact = _exact_distances(query_block, reference, best_indices)
+    exact, order = torch.topk(exact, exact.shape[1], dim=1, largest=False)  # ascending; ONNX has no Sort
+    return exact, torch.gather(best_indices, 1, order)
 
 
 def incidence_from_distance(
@@ -149,7 +181,8 @@ def incidence_from_distance(
     if kernel not in INCIDENCE_KERNELS:
         msg = f"incidence_from_distance: unknown kernel {kernel!r}; choose one of {INCIDENCE_KERNELS}."
         raise ValueError(msg)
-    if distances.numel() and bool((distances < 0).any()):
+    # The value check is skipped while torch.export traces (ONNX export): it would be a data-dependent branch.
+    if not torch.compiler.is_exporting() and distances.numel() and bool((distances < 0).any()):
         msg = "incidence_from_distance: distances must be non-negative."
         raise ValueError(msg)
     if kernel == "reciprocal":

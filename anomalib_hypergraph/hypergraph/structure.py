@@ -351,7 +351,6 @@ def smooth_queries(
     incidence = neighbour_incidence.to(query_x.dtype)
     index = neighbour_index.long()
     weights = incidence * _safe_power(bank_vertex_degree.to(query_x.dtype), -0.5)[index]  # H[j,e_q] D_v(j)^-1/2
-    rows = torch.arange(num_query, device=query_x.device)[:, None].expand_as(index)
-    gathered = _sparse(rows.reshape(-1), index.reshape(-1), weights.reshape(-1), (num_query, num_bank))
+    neighbours = (weights.unsqueeze(-1) * bank_x[index]).sum(dim=1)  # sum_j H[j,e_q] D_v(j)^-1/2 x_j, (Q, C)
     edge_degree = 1.0 + incidence.sum(dim=1, keepdim=True)  # D_e(e_q)
-    return (query_x + torch.sparse.mm(gathered, bank_x)) / edge_degree  # Eq. 8, row q (D_v(q) = W = H[q,e_q] = 1)
+    return (query_x + neighbours) / edge_degree  # Eq. 8, row q (D_v(q) = W = H[q,e_q] = 1)

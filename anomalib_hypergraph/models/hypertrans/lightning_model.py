@@ -337,7 +337,7 @@ class HyperTrans(AnomalibModule):
 
     def on_train_end(self) -> None:
         """Warn when training ended before the bank epoch completed (the model then cannot score)."""
-        if not bool(self.model.is_fitted):
+        if not self.model.is_fitted:
             logger.warning(
                 "Training stopped before HyperTrans built its memory banks; test/predict will fail. "
                 "Allow at least one more epoch (--trainer.max_epochs)."
@@ -346,7 +346,7 @@ class HyperTrans(AnomalibModule):
     # --------------------------------------------------------------------------------------------- evaluation
     def on_validation_start(self) -> None:
         """Before the banks exist, embed the target shots once for a provisional target-only score."""
-        if bool(self.model.is_fitted):
+        if self.model.is_fitted:
             return
         features = [self.model.embed(images) for images in self._target_shot_images()]
         self._provisional_target_bank = torch.cat(features) if features else None
@@ -354,7 +354,7 @@ class HyperTrans(AnomalibModule):
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score the batch: the full model once trained, the provisional target-only score before."""
         del args, kwargs
-        if bool(self.model.is_fitted) or self._provisional_target_bank is None:
+        if self.model.is_fitted or self._provisional_target_bank is None:
             predictions = self.model(batch.image)
         else:
             predictions = self.model.score_against(

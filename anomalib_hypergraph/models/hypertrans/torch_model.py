@@ -153,12 +153,15 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         self.register_buffer("rectified_target", torch.empty(0, 0))
         self.register_buffer("rectifier_bank_hidden", torch.empty(0, 0))
         self.register_buffer("rectifier_bank_degree", torch.empty(0))
-        self.register_buffer("is_fitted", torch.tensor(False))
         self.rectified_source: torch.Tensor
         self.rectified_target: torch.Tensor
         self.rectifier_bank_hidden: torch.Tensor
         self.rectifier_bank_degree: torch.Tensor
-        self.is_fitted: torch.Tensor
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether the banks are built; a shape check, so that ``torch.export`` (ONNX) sees no data-dependent branch."""
+        return self.rectified_target.shape[0] > 0
 
     # ----------------------------------------------------------------------------------------------- features
     def extract(self, images: torch.Tensor, *, perturb: bool = False) -> torch.Tensor:
@@ -247,7 +250,6 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             self.rectified_source = rectified[num_target:].clone()
             self.rectifier_bank_hidden = self.rectifier.bank_hidden(problem.features, problem.hypergraph)
             self.rectifier_bank_degree = problem.hypergraph.vertex_degree()
-        self.is_fitted = torch.tensor(True, device=target.device)
 
     def rectify_queries(self, patches: torch.Tensor) -> torch.Tensor:
         """Rectify query patch rows (n, C) inductively: one new hyperedge per patch to its K nearest bank vertices."""
@@ -272,7 +274,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         """Training mode: patch features (B, C, h, w). Eval mode: image scores and anomaly maps (Eq. 18-19)."""
         if self.training:
             return self.extract(images)
-        if not bool(self.is_fitted):
+        if not self.is_fitted:
             msg = (
                 "HyperTrans has no memory bank yet: train it first (anomalib train/fit, or Engine.fit) "
                 "or load a trained checkpoint."
