@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -219,34 +220,45 @@ def score_hypertrans(prepared: Prepared, shots: list[int], variant: dict, epochs
             optimizer.step()
         model.rectifier.eval()
     model.store_rectified_banks(problem)
+    source = model.rectified_source if model.rectified_source.numel() else None
     scores, maps = [], []
     with torch.no_grad():
         for start in range(0, len(prepared.test_features), 16):
             features = prepared.test_features[start : start + 16]
-            b, c, h, w = features.shape
-            patches = model.rectify_queries(flatten_patches(features))
-            query = patches.reshape(b, h, w, c).permute(0, 3, 1, 2)
-            source = model.rectified_source if model.rectified_source.numel() else None
-            score, anomaly_map = model.scorer(query, source, model.rectified_target, (IMAGE_SIZE, IMAGE_SIZE))
-            scores.append(score)
-            maps.append(anomaly_map)
+            output = model.score_features(features, source, model.rectified_target, (IMAGE_SIZE,) * 2, rectify=True)
+            scores.append(output.pred_score)
+            maps.append(output.anomaly_map)
     return torch.cat(scores), torch.cat(maps)
 
 
-def patchcore(split: CrossDomainSplit, shots: list[int], with_source: bool, coreset_ratio: float) -> tuple:
-    normalise = Normalise()
+def patchcore_model() -> PatchcoreModel:
+    """anomalib's PatchCore with the same EfficientNet-Lite0 weights and layers as HyperTrans here."""
     model = PatchcoreModel(backbone=BACKBONE, layers=list(LAYERS), pre_trained=False)
     weights = efficientnet_lite_state_dict(0)
     extractor = model.feature_extractor.feature_extractor
     extractor.load_state_dict({k: v for k, v in weights.items() if k in extractor.state_dict()}, strict=True)
+    return model
+
+
+def patchcore_source_coreset(model: PatchcoreModel, split: CrossDomainSplit, coreset_ratio: float) -> torch.Tensor:
+    """PatchCore's coreset of the source-domain patches (shot-independent, computed once per split)."""
+    normalise = Normalise()
+    model.train()
+    with torch.no_grad():
+        source = torch.cat(batched(lambda x: model(normalise(x)), split.source))
+    model.embedding_store.clear()
+    return coreset(source, coreset_ratio)
+
+
+def patchcore(
+    model: PatchcoreModel, split: CrossDomainSplit, shots: list[int], source_coreset: torch.Tensor | None
+) -> tuple:
+    normalise = Normalise()
     model.train()
     with torch.no_grad():
         target = torch.cat(batched(lambda x: model(normalise(x)), split.target_pool[shots]))
-        banks = [target]
-        if with_source:
-            banks.append(coreset(torch.cat(batched(lambda x: model(normalise(x)), split.source)), coreset_ratio))
         model.embedding_store.clear()
-        model.memory_bank = torch.cat(banks)
+        model.memory_bank = target if source_coreset is None else torch.cat([target, source_coreset])
         model.eval()
         outputs = batched(lambda x: model(normalise(x)), split.test)
     return torch.cat([o.pred_score for o in outputs]), torch.cat([o.anomaly_map for o in outputs])
@@ -259,7 +271,7 @@ def metrics(split: CrossDomainSplit, scores: torch.Tensor, maps: torch.Tensor) -
             maps, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
         )
     aupro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)
-    aupro.update(maps.squeeze(1), split.test_masks.int())
+    aupro.update(SimpleNamespace(anomaly_map=maps.squeeze(1), gt_mask=split.test_masks.int()))
     return {
         "image_AUROC": roc_auc_score(split.test_labels, scores.numpy()),
         "pixel_AUROC": roc_auc_score(split.test_masks.flatten().numpy(), maps.flatten().numpy()),
@@ -291,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     for split in splits:
         prepared = {use_dp: prepare(split, use_dp, args) for use_dp in (False, True)}
+        baseline = patchcore_model()
+        baseline_source = patchcore_source_coreset(baseline, split, args.coreset_ratio)
         for k_shot in args.shots:
             for seed in args.seeds:
                 shots = select_shots(split.target_pool_paths, k_shot, strategy="random", seed=seed)
@@ -298,8 +312,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     state = prepared[variant["use_domain_perturbation"]]
                     scores, maps = score_hypertrans(state, shots, variant, args.epochs_rectification)
                     results[(f"HyperTrans {name}", k_shot)].append(metrics(split, scores, maps))
-                for with_source, label in ((False, "PatchCore target-only"), (True, "PatchCore source+target")):
-                    scores, maps = patchcore(split, shots, with_source, args.coreset_ratio)
+                for source_coreset, label in (
+                    (None, "PatchCore target-only"),
+                    (baseline_source, "PatchCore source+target"),
+                ):
+                    scores, maps = patchcore(baseline, split, shots, source_coreset)
                     results[(label, k_shot)].append(metrics(split, scores, maps))
         print(f"[{time.perf_counter() - started:.0f} s] done {split.name}", flush=True)
 

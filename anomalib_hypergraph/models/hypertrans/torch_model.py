@@ -292,13 +292,26 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         rectify: bool = False,
     ) -> InferenceBatch:
         """Cross-domain scores (Eq. 12-19) of images against given banks; ``rectify`` applies the trained HDR first."""
-        features = self.extract(images)
+        return self.score_features(
+            self.extract(images), source_bank, target_bank, tuple(images.shape[-2:]), rectify=rectify
+        )
+
+    def score_features(
+        self,
+        features: torch.Tensor,
+        source_bank: torch.Tensor | None,
+        target_bank: torch.Tensor,
+        image_size: tuple[int, int],
+        *,
+        rectify: bool = False,
+    ) -> InferenceBatch:
+        """Cross-domain scores of already extracted patch features (B, C, h, w), maps at ``image_size``."""
         batch_size, channels, height, width = features.shape
         patches = flatten_patches(features)
         if rectify:
             patches = self.rectify_queries(patches)
         query = patches.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2)
-        pred_score, anomaly_map = self.scorer(query, source_bank, target_bank, tuple(images.shape[-2:]))
+        pred_score, anomaly_map = self.scorer(query, source_bank, target_bank, image_size)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
 
