@@ -96,8 +96,13 @@ def test_rectification_trains_and_inference_uses_rectified_banks(images: torch.T
     num_vertices = model.memory_bank.get(SOURCE).shape[0] + model.memory_bank.get(TARGET).shape[0]
     assert problem.hypergraph.num_vertices == num_vertices
     assert problem.hypergraph.num_edges == num_vertices  # |E| = |F_s| + |F_t|
-    # Eq. 10: every pseudo feature is a vertex of the other domain.
-    assert bool(problem.domain[: model.memory_bank.get(TARGET).shape[0]].eq(1).all())
+    num_target = model.memory_bank.get(TARGET).shape[0]
+    assert bool(problem.domain[:num_target].eq(1).all())  # target rows first, then source rows
+    # Eq. 10: every pseudo feature is the feature of a vertex of the other domain.
+    distances = torch.cdist(problem.pseudo, problem.features, compute_mode="donot_use_mm_for_euclid_dist")
+    other_domain = problem.domain[:, None] != problem.domain[None, :]
+    nearest_other = distances.masked_fill(~other_domain, torch.inf).min(dim=1).values
+    assert torch.all(nearest_other < 1e-4)
 
     optimizer = torch.optim.Adam(model.rectifier.parameters(), lr=1e-2)
     model.rectifier.eval()  # deterministic loss to compare before/after
@@ -119,6 +124,20 @@ def test_rectification_trains_and_inference_uses_rectified_banks(images: torch.T
         result = model(images[:3])
     assert result.pred_score.shape == (3,)
     assert torch.isfinite(result.anomaly_map).all()
+
+
+def test_gaussian_incidence_needs_a_fixed_bandwidth(images: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="bandwidth"):
+        make_model(incidence_kernel="gaussian")
+    torch.manual_seed(0)
+    model = make_model(incidence_kernel="gaussian", incidence_bandwidth=1.0)
+    fill_banks(model, images[:4], images[4:])
+    model.store_rectified_banks(model.prepare_rectification())
+    model.eval()
+    with torch.no_grad():
+        together = model(images[:3]).pred_score
+        alone = torch.cat([model(images[index : index + 1]).pred_score for index in range(3)])
+    torch.testing.assert_close(alone, together)  # one fixed width: a score does not depend on its batch
 
 
 def test_state_dict_round_trip_reproduces_scores(images: torch.Tensor) -> None:

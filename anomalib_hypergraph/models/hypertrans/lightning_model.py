@@ -68,6 +68,7 @@ class HyperTrans(AnomalibModule):
         coreset_sampling_ratio: fraction of source patches kept by greedy coreset (paper: 0.1).
         num_neighbors: K nearest vertices joined to each hyperedge (our choice: 10).
         incidence_kernel: ``"reciprocal"`` (1/(1+d)) or ``"gaussian"`` incidence from distances.
+        incidence_bandwidth: width of the ``"gaussian"`` kernel (required with it; unused by ``"reciprocal"``).
         alpha: residual weight of the HGNN branch, Eq. 9 (paper: 0.3).
         dropout: dropout in the residual HGNN (paper: 0.5).
         beta: weight of the source sub-hypergraph, Eq. 18-19 (paper: 0.6).
@@ -104,6 +105,7 @@ class HyperTrans(AnomalibModule):
         coreset_sampling_ratio: float = 0.1,
         num_neighbors: int = 10,
         incidence_kernel: str = "reciprocal",
+        incidence_bandwidth: float | None = None,
         alpha: float = 0.3,
         dropout: float = 0.5,
         beta: float = 0.6,
@@ -150,6 +152,7 @@ class HyperTrans(AnomalibModule):
             adapter_reduction=adapter_reduction,
             num_neighbors=num_neighbors,
             incidence_kernel=incidence_kernel,
+            incidence_bandwidth=incidence_bandwidth,
             alpha=alpha,
             dropout=dropout,
             beta=beta,

@@ -74,7 +74,9 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         adapter_reduction: bottleneck reduction of the residual adapters (our choice; the paper only says adapter).
         num_neighbors: K, the nearest vertices joined to each vertex's hyperedge (our choice: 10).
         incidence_kernel: how a distance becomes an incidence value in [0, 1]: ``"reciprocal"`` 1/(1+d) or
-            ``"gaussian"``.
+            ``"gaussian"`` exp(-d^2 / 2 s^2).
+        incidence_bandwidth: s of the Gaussian kernel, in feature-distance units; required with ``"gaussian"`` (one
+            fixed width for bank, queries and scoring, so scores do not depend on the batch), unused otherwise.
         alpha: residual weight of the HGNN branch in Eq. 9 (paper: 0.3).
         dropout: dropout inside the residual HGNN (paper: 0.5).
         beta: weight of the source sub-hypergraph in Eq. 18-19 (paper: 0.6).
@@ -100,6 +102,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         adapter_reduction: int = 4,
         num_neighbors: int = 10,
         incidence_kernel: str = "reciprocal",
+        incidence_bandwidth: float | None = None,
         alpha: float = 0.3,
         dropout: float = 0.5,
         beta: float = 0.6,
@@ -119,6 +122,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         )
         self.num_neighbors = num_neighbors
         self.incidence_kernel = incidence_kernel
+        self.incidence_bandwidth = incidence_bandwidth
         self.chunk_size = chunk_size
 
         self.perturbation: DomainPerturbation | None = None
@@ -142,6 +146,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         self.scorer = CrossDomainScorer(
             beta=beta,
             kernel=incidence_kernel,
+            bandwidth=incidence_bandwidth,
             sigma=sigma,
             chunk_size=chunk_size,
             enabled_cross_domain=use_cross_domain_scoring,
@@ -210,6 +215,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             features,
             self.num_neighbors,
             kernel=self.incidence_kernel,
+            bandwidth=self.incidence_bandwidth,
             chunk_size=self.chunk_size,
         )
         pseudo = pseudo_features(features, domain, hypergraph, chunk_size=self.chunk_size)  # Eq. 10
@@ -259,7 +265,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         distances, neighbours = chunked_knn(
             patches, bank, min(self.num_neighbors, bank.shape[0]), chunk_size=self.chunk_size
         )
-        incidence = incidence_from_distance(distances, kernel=self.incidence_kernel)
+        incidence = incidence_from_distance(distances, kernel=self.incidence_kernel, bandwidth=self.incidence_bandwidth)
         return self.rectifier.forward_queries(
             patches,
             bank,
