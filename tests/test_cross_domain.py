@@ -32,6 +32,14 @@ NUM_TRAIN = 6
 CATEGORY = "dome"
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """XYZFolder's default cache lives in the user cache folder: point it at a private temporary folder."""
+    folder = tmp_path / "user_cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def pristine_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic MVTec 3D-AD data (two categories, 64 px), generated once; tests copy it before changing it."""
@@ -224,13 +232,16 @@ def test_xyz_folder_gives_the_cached_pixels(root: Path) -> None:
     }
     predict = XYZFolder(path=root / CATEGORY / "test", depth_size=48, eval_batch_size=4)
     predict.setup()
+    samples = predict.test_data.samples
+    assert sorted(samples.source_path) == sorted(cached)
+    source_of = dict(zip(samples.image_path, samples.source_path, strict=True))
     batches = _all_batches(predict.predict_dataloader())
     paths = [path for batch in batches for path in batch.image_path]
-    assert sorted(paths) == sorted(cached)
+    assert sorted(paths) == sorted(samples.image_path)
     for batch in batches:
         assert batch.gt_label is None
         for image, path in zip(batch.image, batch.image_path, strict=True):
-            assert torch.equal(image, read_image(cached[path], as_tensor=True))
+            assert torch.equal(image, read_image(cached[source_of[path]], as_tensor=True))
     # Visualisations get unique file names (anomalib derives them from name/category and image_path).
     names = {generate_output_filename(path, "out", predict.name, predict.category, mkdir=False) for path in paths}
     assert len(names) == len(paths)

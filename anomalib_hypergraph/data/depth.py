@@ -27,6 +27,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+XYZ_EXTENSIONS = (".tiff", ".tif")
+
 # Hole filling looks at the 8 neighbours of a pixel (a 3 x 3 window without its centre, which is invalid anyway).
 _NEIGHBOUR_OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
 

@@ -15,7 +15,6 @@ files in sorted path order. Seeded random sampling is our option for reporting m
 """
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Literal, get_args
 
@@ -23,6 +22,8 @@ import numpy as np
 from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName
+
+from anomalib_hypergraph.data.image_files import FullRangeReading, check_images, common_folder
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +43,6 @@ def check_shot_arguments(k_shot: int, strategy: str) -> None:
     if strategy not in get_args(ShotSelection):
         msg = f"shot selection strategy must be one of {get_args(ShotSelection)}, got {strategy!r}."
         raise ValueError(msg)
-
-
-def common_folder(paths: Sequence[str]) -> str:
-    """Return the deepest folder holding all ``paths`` (says *where* images were looked for in error messages)."""
-    if not paths:
-        return "<no files>"
-    folders = [os.path.dirname(os.path.abspath(path)) for path in paths]
-    try:
-        return os.path.commonpath(folders)
-    except ValueError:  # paths on different drives (Windows): no common folder
-        return ", ".join(sorted(set(folders)))
 
 
 def select_shots(
@@ -156,23 +146,52 @@ def few_shot_subset(
     return subset
 
 
+def describe_datamodule(datamodule: AnomalibDataModule) -> str:
+    """'Where' of a datamodule for messages: class, root and category when it has them."""
+    details = [f"{key}='{value}'" for key in ("root", "category") if (value := getattr(datamodule, key, None))]
+    return f"{type(datamodule).__name__}({', '.join(details)})"
+
+
+def share_seed(datamodule: AnomalibDataModule, seed: int, role: str) -> None:
+    """Give a wrapped datamodule without a seed (``seed=None``) the wrapper's seed, for its own random splits.
+
+    anomalib datamodules split with ``seed``: e.g. a ``Folder`` without normal test images moves a random part of its
+    normal training images into the test set. With ``seed=None`` that part changes on every run, and with it the shots
+    and the test set; a seed set on the wrapped datamodule itself is kept.
+    """
+    if getattr(datamodule, "seed", None) is None:
+        datamodule.seed = seed
+        logger.info(
+            "The %s datamodule %s has no seed: its random splits use seed %d, so they are the same on every run.",
+            role,
+            describe_datamodule(datamodule),
+            seed,
+        )
+
+
 class FewShot(AnomalibDataModule):
     """Any anomalib datamodule, with its training set reduced to k normal shots.
 
     Validation and test data are the wrapped datamodule's, split as the wrapped datamodule splits them (its
     ``val_split_mode`` etc. apply); batch sizes, workers and augmentations are the wrapped datamodule's too. ``name``
     and ``category`` are forwarded, so results and visualisations land where the wrapped datamodule would put them.
+    At setup every image (and mask) the shots, validation and test sets hold is decoded once: an unreadable or
+    truncated file fails there, with its name; 16-bit images are read at full range (see
+    :mod:`~anomalib_hypergraph.data.image_files`).
 
     Args:
         datamodule: The datamodule to take the shots from.
         k_shot: Number of normal training images kept.
         shot_selection: ``"first"`` (first k in sorted path order, the papers' protocol) or ``"random"`` (seeded).
-        seed: Seed of the ``"random"`` selection.
+        seed: Seed of the ``"random"`` selection, and of the wrapped datamodule's own random splits when it has no
+            seed (``seed=None``), so that the same arguments and seed give the same shots and test set on every run.
 
     Attributes:
         shots: Paths of the chosen training images (after ``setup``), sorted.
 
     """
+
+    wrapped_role = "wrapped"
 
     def __init__(
         self,
@@ -191,6 +210,7 @@ class FewShot(AnomalibDataModule):
             test_augmentations=datamodule.test_augmentations,
             seed=seed,
         )
+        share_seed(datamodule, seed, self.wrapped_role)
         self.datamodule = datamodule
         self.k_shot = k_shot
         self.shot_selection = shot_selection
@@ -215,15 +235,32 @@ class FewShot(AnomalibDataModule):
         self.datamodule.prepare_data()
 
     def _setup(self, _stage: str | None = None) -> None:
-        """Set up the wrapped datamodule, then keep k shots of its training set."""
+        """Set up the wrapped datamodule, keep k shots of its training set, check every image that will be read."""
         self.datamodule.setup(_stage)
-        self.train_data = few_shot_subset(
-            self.datamodule.train_data, self.k_shot, strategy=self.shot_selection, seed=self.seed
-        )
+        train_data = self.datamodule.train_data
+        if len(normal_positions(train_data)) == 0:
+            msg = (
+                f"The {self.wrapped_role} datamodule {describe_datamodule(self.datamodule)} has no normal training "
+                f"images to take shots from ({dataset_location(train_data)})."
+            )
+            raise ValueError(msg)
+        self.train_data = few_shot_subset(train_data, self.k_shot, strategy=self.shot_selection, seed=self.seed)
         self.shots = self.train_data.samples["image_path"].astype(str).tolist()
         self.test_data = self.datamodule.test_data
         if hasattr(self.datamodule, "val_data"):
             self.val_data = self.datamodule.val_data
+        # Our own datasets (MVTec 3D-AD, XYZ) check their files when they are built.
+        check_images(
+            {
+                role: dataset
+                for role, dataset in self.datasets_to_read().items()
+                if not isinstance(dataset, FullRangeReading)
+            }
+        )
+
+    def datasets_to_read(self) -> dict[str, AnomalibDataset | None]:
+        """Return the datasets this datamodule's loaders read, by role (``None``: absent)."""
+        return {"train": self.train_data, "test": self.test_data, "val": getattr(self, "val_data", None)}
 
     def _create_test_split(self) -> None:
         """Nothing to do: the wrapped datamodule has made its test split in its own ``setup``."""

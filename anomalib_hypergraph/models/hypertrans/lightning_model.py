@@ -39,9 +39,9 @@ from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_hypergraph.backbones import backbone_normalization
-from anomalib_hypergraph.pre_processing import CrossDomainPreProcessor
+from anomalib_hypergraph.data.domains import SOURCE, TARGET, CrossDomainPreProcessor, split_domains
 
-from .torch_model import SOURCE, TARGET, HyperTransModel, flatten_patches
+from .torch_model import HyperTransModel, flatten_patches
 
 logger = logging.getLogger(__name__)
 
@@ -383,16 +383,6 @@ class HyperTrans(AnomalibModule):
                 if self.pre_processor is not None and getattr(self.pre_processor, "transform", None) is not None:
                     images = self.pre_processor.transform(images)
                 yield images
-
-
-def split_domains(batch: Batch | dict[str, Batch]) -> tuple[Batch | None, Batch]:
-    """(source, target) batches of a training step; a plain single-domain batch counts as target shots."""
-    if isinstance(batch, dict):
-        if TARGET not in batch:
-            msg = f"Cross-domain training batches need a '{TARGET}' entry, got keys {sorted(batch)}."
-            raise KeyError(msg)
-        return batch.get(SOURCE), batch[TARGET]
-    return None, batch
 
 
 def patch_keys(image_paths: Sequence[str], patches_per_image: int, device: torch.device) -> torch.Tensor:

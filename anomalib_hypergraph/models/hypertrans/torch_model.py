@@ -30,6 +30,7 @@ from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 
 from anomalib_hypergraph.backbones import PatchFeatureExtractor
+from anomalib_hypergraph.data.domains import SOURCE, TARGET
 from anomalib_hypergraph.hypergraph import HypergraphMemoryBank, SoftHypergraph, chunked_knn, incidence_from_distance
 
 from .perturbation import DomainPerturbation, perturbation_loss
@@ -37,9 +38,6 @@ from .rectification import ResHGNN, pseudo_features, rectification_loss
 from .scoring import CrossDomainScorer
 
 logger = logging.getLogger(__name__)
-
-SOURCE = "source"
-TARGET = "target"
 
 
 @dataclass
