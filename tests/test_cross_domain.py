@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from anomalib.data import AnomalibDataModule, Folder, ImageBatch
 from anomalib.data.utils import read_image, read_mask
 from anomalib.utils.path import generate_output_filename
+from anomalib.visualization import ImageVisualizer
 from jsonargparse import ArgumentParser
 from PIL import Image
 from torchvision.transforms.v2 import Resize
@@ -444,3 +446,131 @@ def test_cross_domain_and_xyz_folder_through_jsonargparse(tmp_path: Path, root: 
     assert isinstance(predict, XYZFolder)
     predict.setup()
     assert len(predict.test_data) == 6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safe in a user's pipeline: predict visualisations, the depth cache, 16-bit and broken images, bad arguments
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _visualise(datamodule: AnomalibDataModule, output_dir: Path) -> list[Path]:
+    """Run anomalib's default ImageVisualizer over the predict batches, as the Engine does; list what it wrote."""
+    visualizer = ImageVisualizer(output_dir=output_dir)
+    trainer = SimpleNamespace(datamodule=datamodule, default_root_dir=output_dir)
+    for index, batch in enumerate(datamodule.predict_dataloader()):
+        scored = batch.update(anomaly_map=torch.rand(batch.image.shape[0], *batch.image.shape[-2:]))
+        visualizer.on_predict_batch_end(trainer, None, scored, scored, index)
+    return sorted(path for path in output_dir.rglob("*.png"))
+
+
+def test_xyz_folder_predictions_visualise_the_depth_image_once_per_file(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Point clouds with equal file names in nested sub-folders, predicted from a relative path.
+    scans = tmp_path / "scans"
+    clouds = sorted((root / CATEGORY / "test").rglob("xyz/000.tiff"))[:3]
+    targets = [scans / "line_a" / "part" / "000.tiff", scans / "line_b" / "part" / "000.tiff", scans / "000.tiff"]
+    for cloud, target in zip(clouds, targets, strict=True):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cloud, target)
+    before = _tree_digest(scans)
+    monkeypatch.chdir(scans)
+    datamodule = XYZFolder(path=".", eval_batch_size=2)
+    datamodule.setup()
+    assert datamodule.name == "scans"
+
+    written = _visualise(datamodule, tmp_path / "out")
+    assert [path.relative_to(tmp_path / "out").as_posix() for path in written] == [
+        "000.png",
+        "line_a/part/000.png",
+        "line_b/part/000.png",
+    ]
+    # The picture's "Image" panel is the depth image the model saw (below its title: the title covers the top rows).
+    for output, cloud in zip(written, [clouds[2], clouds[0], clouds[1]], strict=True):
+        panel = np.asarray(Image.open(output).convert("RGB"))[:, :256]
+        expected = np.asarray(Image.fromarray(render_depth_image(cloud)).resize((256, 256)))
+        np.testing.assert_array_equal(panel[64:], expected[64:])
+    assert _tree_digest(scans) == before  # the input folder is never written to
+    for image_path in datamodule.test_data.samples.image_path:
+        assert not Path(image_path).is_relative_to(scans)
+
+
+def test_mvtec3d_visualisations_are_one_file_per_test_image(root: Path, tmp_path: Path) -> None:
+    for source_domain, target_domain in (("rgb", "depth"), ("depth", "rgb")):
+        datamodule = _datamodule(root, source_domain=source_domain, target_domain=target_domain)
+        datamodule.setup()
+        written = _visualise(datamodule, tmp_path / target_domain)
+        assert len(written) == len(datamodule.test_data) == 6
+
+
+def test_depth_cache_never_deletes_or_writes_outside_itself(root: Path, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    _datamodule(root, cache_dir=cache_dir).setup()
+    cache = cache_dir / root.name / CATEGORY
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    dataset_cloud = root / CATEGORY / "test" / "good" / "xyz" / "000.tiff"
+    link = cache / "test" / "good" / "depth" / "link.png"
+    link.symlink_to(victim)
+    index_path = cache / "render_parameters.json"
+    index = json.loads(index_path.read_text())
+    index["files"].update(
+        {
+            os.path.relpath(victim, cache): [1, 1],
+            os.path.relpath(dataset_cloud, cache): [1, 1],
+            str(victim): [1, 1],
+            "test/good/depth/link.png": [1, 1],
+        }
+    )
+    index_path.write_text(json.dumps(index))
+    before = _tree_digest(root)
+
+    # New render parameters: every file the index lists is deleted -- but only PNGs inside the cache.
+    _datamodule(root, cache_dir=cache_dir, depth_size=32).setup()
+    assert victim.read_text() == "keep me"
+    assert _tree_digest(root) == before
+    assert json.loads(index_path.read_text())["parameters"]["depth_size"] == 32
+
+    # A cache folder that resolves into the dataset (through a link) is refused before anything is written.
+    linked_dir = tmp_path / "linked"
+    linked_dir.mkdir()
+    (linked_dir / root.name).symlink_to(root)
+    with pytest.raises(ValueError, match=r"lies inside the dataset folder"):
+        _datamodule(root, cache_dir=linked_dir).setup()
+    assert _tree_digest(root) == before
+
+
+def test_sixteen_bit_and_broken_images_of_our_datamodules(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    shot = root / CATEGORY / "train" / "good" / "rgb" / "000.png"
+    depth = (np.arange(IMAGE_SIZE * IMAGE_SIZE).reshape(IMAGE_SIZE, IMAGE_SIZE) * 16).astype(np.uint16)
+    Image.fromarray(depth).save(shot)
+    with caplog.at_level(logging.INFO):
+        datamodule = _datamodule(root, source_domain="depth", target_domain="rgb", k_shot=1)
+        datamodule.setup()
+    assert "1 of 6 train rgb images" in caplog.text
+    assert "read at full range (value / 65535" in caplog.text
+    image = next(iter(datamodule.train_dataloader()["target"])).image[0]
+    expected = torch.from_numpy(depth.astype(np.float32) / 65535)
+    for channel in image:
+        torch.testing.assert_close(channel, expected)
+
+    truncated = root / CATEGORY / "test" / "good" / "rgb" / "001.png"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(ValueError, match=rf"Cannot read image '{truncated}'.*truncated"):  # an ImageFileError
+        _datamodule(root, source_domain="depth", target_domain="rgb").setup()
+
+
+def test_bad_arguments_say_what_is_wrong(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"source_domain and target_domain are both 'depth'"):
+        _datamodule(root, source_domain="depth", target_domain="depth")
+    a_file = tmp_path / "MVTec3D.zip"
+    a_file.write_bytes(b"zip")
+    with pytest.raises(NotADirectoryError, match=rf"root folder '{a_file}' is a file, not a folder"):
+        _datamodule(a_file).setup()
+    with pytest.raises(ValueError, match=r"is a file but not a point cloud"):
+        XYZFolder(path=a_file).setup()
+    camera = tmp_path / "camera"
+    _write_camera(camera, seed=0, num_good=3, colour=True)
+    folder = _camera(camera, "camera")
+    with pytest.raises(ValueError, match=r"source and target are the same datamodule"):
+        CrossDomainDataModule(folder, folder)

@@ -1,6 +1,9 @@
 """Few-shot sampling: shot selection, normal-only subsets, the FewShot wrapper (Folder, jsonargparse, MVTecAD)."""
 
+import logging
+import pickle
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ from anomalib.data import AnomalibDataModule, Folder, ImageBatch, MVTecAD
 from jsonargparse import ArgumentParser
 from PIL import Image
 
-from anomalib_hypergraph.data import FewShot, few_shot_subset, select_shots
+from anomalib_hypergraph.data import CrossDomainDataModule, FewShot, few_shot_subset, select_shots
 
 MVTEC_AD_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad"
 IMAGE_SIZE = 32
@@ -37,9 +40,9 @@ def folder_root(tmp_path: Path) -> Path:
     return root
 
 
-def _folder(root: Path, **kwargs: object) -> Folder:
+def _folder(root: Path, name: str = "tiny_folder", **kwargs: object) -> Folder:
     return Folder(
-        name="tiny_folder",
+        name=name,
         root=root,
         normal_dir="good",
         abnormal_dir="bad",
@@ -217,3 +220,140 @@ def test_few_shot_on_mvtec_ad_bottle() -> None:
     test_batch = next(iter(datamodule.test_dataloader()))
     assert test_batch.gt_mask.shape[-2:] == test_batch.image.shape[-2:]
     assert torch.equal(test_batch.gt_mask.flatten(1).any(dim=1), test_batch.gt_label.bool())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wrapped datamodules in a user's pipeline: 16-bit images, broken files, seeds
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sixteen_bit_folder(root: Path, seed: int) -> dict[str, np.ndarray]:
+    """Folder dataset of 16-bit grayscale PNGs (values over the whole 0..65535 range); returns the arrays by path."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for folder, count in (("good", 4), ("good_test", 2), ("bad", 2)):
+        for index in range(count):
+            array = rng.integers(0, 65536, (IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint16)
+            path = root / folder / f"{index:03d}.png"
+            _write_png(path, array)
+            arrays[str(path)] = array
+    for index in range(2):
+        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+        mask[4:12, 8 + index : 20] = 255
+        _write_png(root / "masks" / f"{index:03d}.png", mask)
+    return arrays
+
+
+def _assert_full_range(batch: ImageBatch, arrays: dict[str, np.ndarray]) -> None:
+    for image, path in zip(batch.image, batch.image_path, strict=True):
+        expected = torch.from_numpy(arrays[path].astype(np.float32) / 65535)
+        for channel in image:
+            torch.testing.assert_close(channel, expected)
+
+
+def test_sixteen_bit_images_are_read_at_full_range(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    arrays = _sixteen_bit_folder(tmp_path / "depth_camera", seed=0)
+    with caplog.at_level(logging.INFO):
+        datamodule = FewShot(_folder(tmp_path / "depth_camera", name="depth_camera"), k_shot=2)
+        datamodule.setup()
+    assert "2 of 2 train images of depth_camera" in caplog.text
+    assert "4 of 4 test images of depth_camera" in caplog.text
+    assert "read at full range (value / 65535, replicated to 3 channels)" in caplog.text
+    _assert_full_range(next(iter(datamodule.train_dataloader())), arrays)
+    test_batch = next(iter(datamodule.test_dataloader()))
+    _assert_full_range(test_batch, arrays)
+    assert 0.4 < float(test_batch.image.mean()) < 0.6  # not saturated: uniform values over the 16-bit range
+    assert torch.equal(test_batch.gt_mask.flatten(1).any(dim=1), test_batch.gt_label.bool())
+    assert datamodule.test_data.name == "depth_camera"  # the Folder dataset's own properties are kept
+    # DataLoader workers started with "spawn" get a pickled copy: it still reads at full range.
+    copy = pickle.loads(pickle.dumps(datamodule.test_data))
+    assert torch.equal(copy[0].image, datamodule.test_data[0].image)
+
+    # The same through CrossDomainDataModule: a 16-bit source camera beside an 8-bit target camera.
+    _write_png(tmp_path / "rgb_camera" / "good" / "000.png", np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
+    shutil.copytree(tmp_path / "depth_camera" / "bad", tmp_path / "rgb_camera" / "bad")
+    shutil.copytree(tmp_path / "depth_camera" / "masks", tmp_path / "rgb_camera" / "masks")
+    pair = CrossDomainDataModule(
+        _folder(tmp_path / "depth_camera", name="depth_camera"),
+        Folder(
+            name="rgb_camera", root=tmp_path / "rgb_camera", normal_dir="good", abnormal_dir="bad", mask_dir="masks"
+        ),
+    )
+    pair.setup()
+    source_batch = next(iter(pair.train_dataloader()["source"]))
+    _assert_full_range(source_batch, arrays)
+    assert float(next(iter(pair.train_dataloader()["target"])).image.max()) == 0.0
+
+
+def test_broken_images_fail_at_setup_naming_the_file(folder_root: Path) -> None:
+    truncated = folder_root / "good_test" / "001.png"
+    content = truncated.read_bytes()
+    truncated.write_bytes(content[: len(content) // 2])
+    with pytest.raises(ValueError, match=rf"Cannot read image '{truncated}'.*truncated"):  # an ImageFileError
+        FewShot(_folder(folder_root), k_shot=1).setup()
+    truncated.write_bytes(content)
+
+    mask = folder_root / "masks" / "002.png"
+    mask.write_bytes(mask.read_bytes()[:60])
+    with pytest.raises(ValueError, match=rf"Cannot read mask '{mask}'"):
+        FewShot(_folder(folder_root), k_shot=1).setup()
+    mask.unlink()
+
+    float_image = folder_root / "bad" / "002.tiff"
+    Image.fromarray(np.full((IMAGE_SIZE, IMAGE_SIZE), 0.5, dtype=np.float32)).save(float_image)
+    (folder_root / "bad" / "002.png").unlink()
+    Image.fromarray(np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)).save(folder_root / "masks" / "002.tiff")
+    with pytest.raises(ValueError, match=rf"'{float_image}' has the PIL mode 'F'"):
+        FewShot(_folder(folder_root), k_shot=1).setup()
+
+
+def _split_of(datamodule: FewShot) -> tuple[list[str], list[str], list[str]]:
+    """(shots, test images, validation images)."""
+    return (
+        datamodule.shots,
+        sorted(datamodule.test_data.samples.image_path),
+        sorted(datamodule.val_data.samples.image_path),
+    )
+
+
+def test_same_arguments_and_seed_give_the_same_shots_and_test_set(folder_root: Path) -> None:
+    """A Folder without normal test images moves a random part of its normals into the test set."""
+
+    def folder(**kwargs: object) -> Folder:
+        return Folder(name="tiny_folder", root=folder_root, normal_dir="good", abnormal_dir="bad", **kwargs)
+
+    splits = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        datamodule = FewShot(folder(), k_shot=2, shot_selection="random", seed=3)
+        datamodule.setup()
+        splits.append(_split_of(datamodule))
+    assert splits[0] == splits[1]
+    shots, test_paths, val_paths = splits[0]
+    # Folder's defaults: 20 % of the 7 normals join the 4 anomalous images, half of which go to validation.
+    assert len(test_paths) + len(val_paths) == 4 + 1
+    assert not set(shots) & set(test_paths + val_paths)
+
+    # A seed set on the wrapped datamodule itself is kept.
+    own_seed = FewShot(folder(seed=11), k_shot=2, shot_selection="random", seed=3)
+    assert own_seed.datamodule.seed == 11
+
+    # Through the command line, as `anomalib fit --data anomalib_hypergraph.data.FewShot --data.datamodule Folder`.
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(AnomalibDataModule, "data", required=False, fail_untyped=False)
+    arguments = [
+        "--data=anomalib_hypergraph.data.FewShot",
+        "--data.k_shot=2",
+        "--data.shot_selection=random",
+        "--data.seed=3",
+        "--data.datamodule=anomalib.data.Folder",
+        "--data.datamodule.name=tiny_folder",
+        f"--data.datamodule.root={folder_root}",
+        "--data.datamodule.normal_dir=good",
+        "--data.datamodule.abnormal_dir=bad",
+    ]
+    for global_seed in (4, 5):
+        torch.manual_seed(global_seed)
+        from_cli = parser.instantiate_classes(parser.parse_args(arguments)).data
+        from_cli.setup()
+        assert _split_of(from_cli) == splits[0]

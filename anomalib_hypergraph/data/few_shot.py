@@ -23,7 +23,7 @@ from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName
 
-from anomalib_hypergraph.data.image_files import FullRangeReading, check_images, common_folder
+from anomalib_hypergraph.data.image_files import check_images, common_folder, reads_full_range
 
 logger = logging.getLogger(__name__)
 
@@ -251,11 +251,7 @@ class FewShot(AnomalibDataModule):
             self.val_data = self.datamodule.val_data
         # Our own datasets (MVTec 3D-AD, XYZ) check their files when they are built.
         check_images(
-            {
-                role: dataset
-                for role, dataset in self.datasets_to_read().items()
-                if not isinstance(dataset, FullRangeReading)
-            }
+            {role: dataset for role, dataset in self.datasets_to_read().items() if not reads_full_range(dataset)}
         )
 
     def datasets_to_read(self) -> dict[str, AnomalibDataset | None]:

@@ -25,7 +25,6 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -132,39 +131,42 @@ def read_image_full_range(path: str | Path) -> torch.Tensor:
     return to_image(np.repeat(values[..., None] / SIXTEEN_BIT_MAX, 3, axis=-1))
 
 
-class FullRangeReading:
-    """Mixin for :class:`~anomalib.data.datasets.base.image.AnomalibDataset` subclasses: 16-bit images at full range.
+def full_range_item(dataset: AnomalibDataset, index: int) -> ImageItem:
+    """``dataset[index]`` as anomalib builds it, except that a 16-bit image is read at full range.
 
-    8-bit images go through the dataset's own ``__getitem__`` (anomalib's reading); a 16-bit image is read with
-    :func:`read_image_full_range` and gets its mask, augmentations and label exactly as anomalib gives them.
+    8-bit images go through anomalib's own ``AnomalibDataset.__getitem__``; a 16-bit image is read with
+    :func:`read_image_full_range` and gets its mask, augmentations and label as anomalib gives them.
     """
+    row = dataset.samples.iloc[index]
+    if not is_sixteen_bit(row.image_path):
+        return AnomalibDataset.__getitem__(dataset, index)
+    image = read_image_full_range(row.image_path)
+    empty_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
+    gt_mask = None
+    if dataset.task == TaskType.SEGMENTATION and row.label_index != LabelName.UNKNOWN:
+        gt_mask = read_mask(row.mask_path, as_tensor=True) if row.label_index == LabelName.ABNORMAL else empty_mask
+    if dataset.augmentations and dataset.task == TaskType.SEGMENTATION:
+        image, augmented_mask = dataset.augmentations(image, empty_mask if gt_mask is None else gt_mask)
+        gt_mask = None if gt_mask is None else augmented_mask
+    elif dataset.augmentations:
+        image = dataset.augmentations(image)
+    return ImageItem(
+        image=image,
+        gt_mask=gt_mask,
+        gt_label=None if row.label_index == LabelName.UNKNOWN else torch.tensor(row.label_index),
+        image_path=row.image_path,
+        mask_path=row.mask_path,
+    )
 
-    samples: Any
-    task: TaskType
-    augmentations: Any
+
+class FullRangeImageDataset(AnomalibDataset):
+    """Base of our own image datasets: anomalib's dataset, reading 16-bit images at full range."""
+
+    reads_full_range = True
 
     def __getitem__(self, index: int) -> ImageItem:
-        """Return the dataset's item, a 16-bit image read at full range."""
-        row = self.samples.iloc[index]
-        if not is_sixteen_bit(row.image_path):
-            return super().__getitem__(index)  # type: ignore[misc]
-        image = read_image_full_range(row.image_path)
-        empty_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
-        gt_mask = None
-        if self.task == TaskType.SEGMENTATION and row.label_index != LabelName.UNKNOWN:
-            gt_mask = read_mask(row.mask_path, as_tensor=True) if row.label_index == LabelName.ABNORMAL else empty_mask
-        if self.augmentations and self.task == TaskType.SEGMENTATION:
-            image, augmented_mask = self.augmentations(image, empty_mask if gt_mask is None else gt_mask)
-            gt_mask = None if gt_mask is None else augmented_mask
-        elif self.augmentations:
-            image = self.augmentations(image)
-        return ImageItem(
-            image=image,
-            gt_mask=gt_mask,
-            gt_label=None if row.label_index == LabelName.UNKNOWN else torch.tensor(row.label_index),
-            image_path=row.image_path,
-            mask_path=row.mask_path,
-        )
+        """Return the item of ``index`` (see :func:`full_range_item`)."""
+        return full_range_item(self, index)
 
 
 _FULL_RANGE_CLASSES: dict[type, type] = {}
@@ -182,20 +184,30 @@ def _reduce_full_range_dataset(dataset: AnomalibDataset) -> tuple:
 
 
 def full_range_class(plain_class: type) -> type:
-    """``plain_class`` with :class:`FullRangeReading` mixed in (one class per dataset class, same name).
+    """Subclass of the anomalib dataset class ``plain_class`` whose items come from :func:`full_range_item`.
 
-    The name is kept because anomalib derives ``dataset.name`` from it; instances pickle (DataLoader workers started
-    with ``spawn``) and deep-copy (``subsample``) as instances of the same converted class.
+    One class per dataset class, with the same name (anomalib derives ``dataset.name`` from it) and nothing but
+    ``__getitem__`` changed, so an existing dataset can be switched to it in place. Instances pickle (DataLoader
+    workers started with ``spawn``) and deep-copy (``subsample``) as instances of the converted class.
     """
-    if issubclass(plain_class, FullRangeReading):
-        return plain_class
     if plain_class not in _FULL_RANGE_CLASSES:
         _FULL_RANGE_CLASSES[plain_class] = type(
             plain_class.__name__,
-            (FullRangeReading, plain_class),
-            {"plain_class": plain_class, "__reduce__": _reduce_full_range_dataset, "__module__": __name__},
+            (plain_class,),
+            {
+                "__getitem__": FullRangeImageDataset.__getitem__,
+                "__reduce__": _reduce_full_range_dataset,
+                "__module__": __name__,
+                "reads_full_range": True,
+                "plain_class": plain_class,
+            },
         )
     return _FULL_RANGE_CLASSES[plain_class]
+
+
+def reads_full_range(dataset: AnomalibDataset) -> bool:
+    """Whether ``dataset`` already reads 16-bit images at full range (and had its files checked when it was made)."""
+    return getattr(type(dataset), "reads_full_range", False)
 
 
 def enable_full_range(dataset: AnomalibDataset) -> None:
@@ -206,7 +218,7 @@ def enable_full_range(dataset: AnomalibDataset) -> None:
             reading), so the 16-bit images cannot be read at full range through it.
 
     """
-    if isinstance(dataset, FullRangeReading):
+    if reads_full_range(dataset):
         return
     if type(dataset).__getitem__ is not AnomalibDataset.__getitem__:
         msg = (

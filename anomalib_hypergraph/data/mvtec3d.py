@@ -22,7 +22,6 @@ from typing import Literal, get_args
 
 import pandas as pd
 from anomalib.data import AnomalibDataModule
-from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode
 from PIL import Image
 from torchvision.transforms.v2 import Transform
@@ -31,7 +30,7 @@ from anomalib_hypergraph.data.cross_domain import CrossDomainDataModule
 from anomalib_hypergraph.data.depth import XYZ_EXTENSIONS
 from anomalib_hypergraph.data.depth_cache import DepthCache, category_cache_dir
 from anomalib_hypergraph.data.few_shot import ShotSelection
-from anomalib_hypergraph.data.image_files import FullRangeReading, check_images
+from anomalib_hypergraph.data.image_files import FullRangeImageDataset, check_images
 
 Domain = Literal["rgb", "depth"]
 NORMAL_LABEL = "good"
@@ -158,7 +157,7 @@ def make_mvtec3d_domain_samples(
     return samples
 
 
-class MVTec3DDomainDataset(FullRangeReading, AnomalibDataset):
+class MVTec3DDomainDataset(FullRangeImageDataset):
     """One split of an MVTec 3D-AD category in one domain (RGB images, or depth images rendered from ``xyz``).
 
     The samples DataFrame has anomalib's columns (``image_path``, ``mask_path``, ``label_index``, ``split``, ...) plus
