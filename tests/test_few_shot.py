@@ -357,3 +357,25 @@ def test_same_arguments_and_seed_give_the_same_shots_and_test_set(folder_root: P
         from_cli = parser.instantiate_classes(parser.parse_args(arguments)).data
         from_cli.setup()
         assert _split_of(from_cli) == splits[0]
+
+
+def _folder_of(root: Path, name: str) -> Folder:
+    return Folder(name=name, root=root, normal_dir="good", abnormal_dir="bad", val_split_mode="same_as_test")
+
+
+def test_visualisations_that_would_share_a_file_are_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "camera_2"
+    image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for relative in ("good/000.png", "good/001.png", "bad/line_a/part/000.png", "bad/line_b/part/000.png"):
+        _write_png(root / relative, image)
+    datamodule = FewShot(_folder_of(root, "new_camera"), k_shot=1)
+    with caplog.at_level(logging.WARNING):
+        datamodule.setup()
+    assert "to the same file 'part/000.png'" in caplog.text
+    assert str(root / "bad" / "line_a" / "part" / "000.png") in caplog.text
+
+    caplog.clear()
+    named = FewShot(_folder_of(root, "camera_2"), k_shot=1)
+    with caplog.at_level(logging.WARNING):
+        named.setup()
+    assert "same file" not in caplog.text

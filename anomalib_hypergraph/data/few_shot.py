@@ -16,12 +16,14 @@ files in sorted path order. Seeded random sampling is our option for reporting m
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
 from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName
+from anomalib.utils.path import generate_output_filename
 
 from anomalib_hypergraph.data.image_files import check_images, common_folder, reads_full_range
 
@@ -169,6 +171,30 @@ def share_seed(datamodule: AnomalibDataModule, seed: int, role: str) -> None:
         )
 
 
+def warn_about_shared_output_files(dataset: AnomalibDataset, name: str, category: str | None) -> None:
+    """Warn when anomalib would write the visualisations of two of the ``dataset``'s images to one file.
+
+    anomalib's visualizer (``generate_output_filename``) keeps an image's path below the first folder named like the
+    datamodule (``name``, then ``category``); without such a folder it keeps the image's last folder only, so images of
+    equal names in different sub-folders would overwrite each other's visualisation.
+    """
+    seen: dict[Path, str] = {}
+    for image_path in dataset.samples["image_path"].astype(str):
+        output = generate_output_filename(image_path, "", name, category, mkdir=False)
+        if output in seen:
+            logger.warning(
+                "anomalib would write the visualisations of '%s' and '%s' to the same file '%s': the images lie below "
+                "no folder named like the datamodule ('%s'). Give the datamodule the name of a folder of its image "
+                "paths to keep them apart.",
+                seen[output],
+                image_path,
+                output,
+                name,
+            )
+            return
+        seen[output] = image_path
+
+
 class FewShot(AnomalibDataModule):
     """Any anomalib datamodule, with its training set reduced to k normal shots.
 
@@ -253,6 +279,7 @@ class FewShot(AnomalibDataModule):
         check_images(
             {role: dataset for role, dataset in self.datasets_to_read().items() if not reads_full_range(dataset)}
         )
+        warn_about_shared_output_files(self.test_data, self.name, self.category)
 
     def datasets_to_read(self) -> dict[str, AnomalibDataset | None]:
         """Return the datasets this datamodule's loaders read, by role (``None``: absent)."""
