@@ -7,7 +7,9 @@ files in sorted path order. Seeded random sampling is our option for reporting m
 - :func:`select_shots` picks k indices from a list of image paths,
 - :func:`few_shot_subset` applies it to the normal images of an :class:`~anomalib.data.AnomalibDataset`,
 - :class:`FewShot` wraps any anomalib datamodule (``MVTecAD``, ``Visa``, ``Folder``, ...) so that its training set
-  is the k shots while validation and test stay those of the wrapped datamodule. From the anomalib command line::
+  is the k shots while validation and test stay those of the wrapped datamodule. It gives its seed to a wrapped
+  datamodule that has none (so the wrapped datamodule's random splits repeat), decodes every image it will read once
+  at setup and reads 16-bit images at full range (:mod:`.image_files`). From the anomalib command line::
 
       anomalib fit --model ... --data anomalib_hypergraph.data.FewShot --data.k_shot 2 \
           --data.datamodule anomalib.data.MVTecAD --data.datamodule.root ./datasets/MVTecAD \
