@@ -40,6 +40,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_hypergraph.backbones import backbone_normalization
 from anomalib_hypergraph.data.domains import SOURCE, TARGET, CrossDomainPreProcessor, split_domains
+from anomalib_hypergraph.models.checkpoints import CheckpointGuard, CheckpointSpec
 
 from .torch_model import HyperTransModel, flatten_patches
 
@@ -47,8 +48,44 @@ logger = logging.getLogger(__name__)
 
 PATCH_INDEX_BITS = 15
 
+# How HyperTrans's options relate to its checkpoints (see anomalib_hypergraph.models.checkpoints); options not listed
+# change the scores of a loaded model (beta, sigma, kernel, K, alpha, CDS switch) and are warned about.
+CHECKPOINT_SPEC = CheckpointSpec(
+    model_name="HyperTrans",
+    required_state_keys=("model.memory_bank.target_bank", "model.rectified_target"),
+    architecture_hparams=frozenset(
+        {
+            "backbone",
+            "layers",
+            "model_kwargs",
+            "perturbed_stages",
+            "adapter_reduction",
+            "use_domain_perturbation",
+            "use_rectification",
+        }
+    ),
+    restored_hparams=frozenset({"image_size"}),
+    inert_hparams=frozenset(
+        {
+            "pretrained",
+            "pretrained_weights",
+            "noise_mean",
+            "noise_std",
+            "epochs_perturbation",
+            "epochs_rectification",
+            "lr_perturbation",
+            "lr_rectification",
+            "coreset_sampling_ratio",
+            "dropout",
+            "chunk_size",
+            "seed",
+        }
+    ),
+    derived_state_keys=("model.scorer.blur.kernel",),
+)
 
-class HyperTrans(AnomalibModule):
+
+class HyperTrans(CheckpointGuard, AnomalibModule):
     """HyperTrans: cross-domain few-shot anomaly detection with hypergraph domain transfer.
 
     Args:
@@ -85,6 +122,8 @@ class HyperTrans(AnomalibModule):
         visualizer: visualizer or ``True`` for anomalib's default.
 
     """
+
+    checkpoint_spec = CHECKPOINT_SPEC
 
     def __init__(
         self,
@@ -206,18 +245,6 @@ class HyperTrans(AnomalibModule):
         if self.model.perturbation is None:
             return None
         return torch.optim.Adam(self.model.perturbation.parameters(), lr=self.lr_perturbation)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse checkpoints of other models with a clear message instead of a wall of missing keys."""
-        state_dict = checkpoint.get("state_dict", {})
-        if not any(key.startswith("model.memory_bank.") for key in state_dict):
-            found = sorted({key.split(".")[1] for key in state_dict if key.startswith("model.")})[:6]
-            msg = (
-                "This checkpoint was not written by HyperTrans (no 'model.memory_bank.*' entries; found model parts "
-                f"{found}). Load it with the model class that trained it."
-            )
-            raise ValueError(msg)
-        super().on_load_checkpoint(checkpoint)
 
     # ----------------------------------------------------------------------------------------------- training
     def on_train_start(self) -> None:
