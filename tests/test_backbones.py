@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import socket
@@ -19,6 +20,7 @@ from torch import nn
 from anomalib_hypergraph.backbones import (
     BackboneWeightsError,
     PatchFeatureExtractor,
+    backbone_data_config,
     backbone_normalization,
     create_open_clip_model,
     create_timm_backbone,
@@ -330,6 +332,29 @@ def test_random_weights_need_no_network(no_network: None) -> None:
     assert not torch.equal(first.pos_embed, second.pos_embed)
 
 
+def test_backbone_input_size_and_normalization_come_from_the_published_configs() -> None:
+    dino = backbone_data_config("vit_base_patch8_224.dino")
+    assert (dino.input_size, dino.mean, dino.std) == ((224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    lite2 = backbone_data_config("tf_efficientnet_lite2")  # timm's pretrained_cfg: 260 px
+    assert (lite2.input_size, lite2.mean, lite2.std) == ((260, 260), (0.5,) * 3, (0.5,) * 3)
+    assert backbone_data_config("resnet18").input_size == (224, 224)
+    assert backbone_data_config("ViT-B-16-plus-240").input_size == (240, 240)  # open_clip's vision tower
+    assert backbone_data_config(TINY_VIT, TINY_VIT_KWARGS).input_size == (64, 64)  # the size the model is built for
+    assert backbone_data_config(TINY_VIT, {"img_size": (48, 80)}).input_size == (48, 80)
+
+
+def test_hypertrans_default_input_size_is_the_backbones() -> None:
+    from anomalib_hypergraph.models import HyperTrans
+
+    tiny = HyperTrans(backbone=TINY_VIT, pretrained=False, model_kwargs=TINY_VIT_KWARGS, visualizer=False)
+    assert tuple(tiny.input_size) == (64, 64)
+    cnn = HyperTrans(backbone="resnet18", pretrained=False, visualizer=False)
+    assert tuple(cnn.input_size) == (224, 224)
+    lite = HyperTrans(backbone="tf_efficientnet_lite0", pretrained=False, visualizer=False)
+    normalize = lite.pre_processor.transform.transforms[-1]
+    assert (tuple(lite.input_size), normalize.mean, normalize.std) == ((224, 224), [0.5] * 3, [0.5] * 3)
+
+
 def test_backbone_normalization() -> None:
     assert backbone_normalization("tf_efficientnet_lite0") == ((0.5,) * 3, (0.5,) * 3)
     assert backbone_normalization("vit_base_patch8_224.dino") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -367,6 +392,57 @@ def test_vit_grid_matches_timm_intermediates() -> None:
         )[0]
     assert two_layers.layers == ("blocks.1", "blocks.3") and two_layers.feature_dim == 64
     torch.testing.assert_close(stacked, torch.cat([block1, reference], dim=1))
+
+
+class Gain(nn.Module):
+    """Multiplies its input by a shared trainable per-channel gain (a stand-in for an adapter)."""
+
+    def __init__(self, gain: nn.Parameter) -> None:
+        super().__init__()
+        self.gain = gain
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens * self.gain
+
+
+def test_vit_stage_hook_equals_timm_intermediates_of_the_backbone_with_the_hook_built_in() -> None:
+    extractor = tiny_vit_extractor(layers=["blocks.1", "blocks.3"])
+    gain = nn.Parameter(torch.linspace(0.5, 1.5, 32))
+    hooked_blocks = {1, 2}
+
+    def adapter(index: int, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens * gain if index in hooked_blocks else tokens
+
+    # Reference: timm's own forward_intermediates on a copy whose blocks 1 and 2 end in the same gain.
+    reference = copy.deepcopy(extractor.backbone)
+    for index in hooked_blocks:
+        reference.blocks[index] = nn.Sequential(reference.blocks[index], Gain(gain))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    features = extractor(images, stage_hook=adapter)
+    expected = torch.cat(
+        reference.forward_intermediates(images, indices=[1, 3], norm=True, output_fmt="NCHW", intermediates_only=True),
+        dim=1,
+    )
+    torch.testing.assert_close(features, expected)
+    (gradient,) = torch.autograd.grad(features.square().mean(), gain)
+    (expected_gradient,) = torch.autograd.grad(expected.square().mean(), gain)
+    assert gradient.abs().sum() > 0
+    torch.testing.assert_close(gradient, expected_gradient)
+
+
+def test_vit_hooks_are_gone_after_the_call_even_when_the_hook_fails() -> None:
+    extractor = tiny_vit_extractor()
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = extractor(images)
+        extractor(images, stage_hook=lambda _index, tokens: tokens * 3.0)
+        with pytest.raises(ValueError, match=r"output of stage blocks\.0"):
+            extractor(images, stage_hook=lambda _index, tokens: tokens[:, 1:])
+        assert torch.equal(extractor(images), plain)
+        timm_own = extractor.backbone.forward_intermediates(
+            images, indices=[3], norm=True, output_fmt="NCHW", intermediates_only=True
+        )[0]
+    assert torch.equal(timm_own, plain)  # the backbone's blocks carry no leftover hook
 
 
 def test_vit_other_input_sizes() -> None:

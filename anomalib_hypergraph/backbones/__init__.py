@@ -2,6 +2,9 @@
 
 from anomalib_hypergraph.backbones.efficientnet_lite import EFFICIENTNET_LITE_VARIANTS, efficientnet_lite_state_dict
 from anomalib_hypergraph.backbones.factory import (
+    BackboneDataConfig,
+    backbone_data_config,
+    backbone_input_size,
     backbone_normalization,
     create_open_clip_model,
     create_timm_backbone,
@@ -11,9 +14,12 @@ from anomalib_hypergraph.backbones.weights import BackboneWeightsError, load_sta
 
 __all__ = [
     "EFFICIENTNET_LITE_VARIANTS",
+    "BackboneDataConfig",
     "BackboneWeightsError",
     "PatchFeatureExtractor",
     "StageHook",
+    "backbone_data_config",
+    "backbone_input_size",
     "backbone_normalization",
     "create_open_clip_model",
     "create_timm_backbone",

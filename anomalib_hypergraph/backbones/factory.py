@@ -9,6 +9,9 @@ Three ways to get weights, in this order of precedence:
    (timm / open_clip download). If that fails, e.g. on a machine without internet, the error says how to pass a
    file instead or how to ask for random weights.
 3. ``pretrained=False`` (timm) / ``pretrained=None`` (open_clip): random weights, never any network access.
+
+:func:`backbone_data_config` gives the input size and normalisation the weights expect, from timm's pretrained config
+(``resolve_data_config``) or open_clip's model config.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import timm
 from huggingface_hub import constants as hf_constants
+from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from anomalib_hypergraph.backbones.efficientnet_lite import efficientnet_lite_package_name, efficientnet_lite_state_dict
@@ -206,25 +211,69 @@ def _open_clip_weights_cached(pretrained_cfg: Mapping[str, str]) -> bool:
     return bool(pretrained_cfg.get("hf_hub", ""))
 
 
-def backbone_normalization(name: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Per-channel (mean, std) that inputs of backbone ``name`` must be normalised with.
+@dataclass(frozen=True)
+class BackboneDataConfig:
+    """Input that a backbone's weights expect: ``(height, width)`` and the normalisation ``mean`` and ``std``."""
 
-    timm models: their pretrained config (``tf_efficientnet_lite{0,1,2}``: 0.5/0.5, which the weight packages
-    need); open_clip models: CLIP's OpenAI mean/std, which all open_clip CLIP weights use.
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def backbone_data_config(name: str, model_kwargs: Mapping[str, object] | None = None) -> BackboneDataConfig:
+    """Input size and normalisation of backbone ``name`` from its published configuration.
+
+    timm models: ``timm.data.resolve_data_config`` on the model's pretrained config (``input_size``, ``mean``,
+    ``std``); an ``img_size`` in ``model_kwargs`` (the size the model is built for) replaces the input size. The
+    ``tf_efficientnet_lite{0,1,2}`` weight packages were trained on inputs scaled to [-1, 1], so mean = std = 0.5
+    whatever timm's config says. open_clip models: the vision tower's ``image_size`` and CLIP's OpenAI mean/std, which
+    all open_clip CLIP weights use.
 
     Raises:
-        ValueError: ``name`` is neither a timm nor an open_clip model.
+        ValueError: ``name`` is neither a timm nor an open_clip model, or timm has no pretrained config for it.
 
     """
-    if packaged_efficientnet_lite_variant(name) is not None:
-        return _LITE_MEAN_STD
+    img_size = (model_kwargs or {}).get("img_size")
     if timm.is_model(name):
         pretrained_cfg = timm.models.get_pretrained_cfg(name)
         if pretrained_cfg is None:
-            msg = f"timm has no pretrained config (hence no normalisation) for '{name}'."
+            msg = f"timm has no pretrained config (hence no input size or normalisation) for '{name}'."
             raise ValueError(msg)
-        return tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std)
+        data_config = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
+        input_size = _pair(img_size) if img_size is not None else tuple(data_config["input_size"][-2:])
+        if packaged_efficientnet_lite_variant(name) is not None:
+            return BackboneDataConfig(input_size, *_LITE_MEAN_STD)
+        return BackboneDataConfig(input_size, tuple(data_config["mean"]), tuple(data_config["std"]))
     if name in open_clip.list_models():
-        return tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD)
+        vision_size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+        return BackboneDataConfig(
+            _pair(img_size if img_size is not None else vision_size),
+            tuple(open_clip.OPENAI_DATASET_MEAN),
+            tuple(open_clip.OPENAI_DATASET_STD),
+        )
     msg = f"Unknown backbone '{name}': neither a timm nor an open_clip model name."
     raise ValueError(msg)
+
+
+def _pair(size: object) -> tuple[int, int]:
+    """``(height, width)`` from an int or a pair, as timm's ``img_size`` and open_clip's ``image_size`` allow."""
+    if isinstance(size, int):
+        return (size, size)
+    height, width = size  # type: ignore[misc]
+    return (int(height), int(width))
+
+
+def backbone_input_size(name: str, model_kwargs: Mapping[str, object] | None = None) -> tuple[int, int]:
+    """``(height, width)`` that backbone ``name`` expects (see :func:`backbone_data_config`)."""
+    return backbone_data_config(name, model_kwargs).input_size
+
+
+def backbone_normalization(name: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel (mean, std) that inputs of backbone ``name`` are normalised with (see :func:`backbone_data_config`).
+
+    Raises:
+        ValueError: ``name`` is neither a timm nor an open_clip model, or timm has no pretrained config for it.
+
+    """
+    config = backbone_data_config(name)
+    return config.mean, config.std

@@ -7,10 +7,12 @@ gradients flow through it, while the backbone's own parameters stay frozen), and
 
 Two backbone kinds are supported, both from timm:
 
-* ``"vit"``: timm ``VisionTransformer`` (e.g. DINO ``vit_base_patch8_224.dino``). Stages are the transformer blocks;
-  the hook sees tokens ``(B, T, C)`` including the ``num_prefix_tokens`` class/register tokens. Output: the chosen
-  blocks' tokens after the final norm, prefix tokens removed, on the patch grid (28x28x768 for ViT-B/8 at 224 px).
-  No pooling is applied (the paper uses raw tokens), ``pool_size`` only affects CNNs.
+* ``"vit"``: timm ``VisionTransformer`` (e.g. DINO ``vit_base_patch8_224.dino``). Stages are the transformer blocks
+  (timm's ``feature_info``); the hook sees tokens ``(B, T, C)`` including the ``num_prefix_tokens`` class/register
+  tokens. Output: timm's ``forward_intermediates`` of the chosen blocks (tokens after the final norm, prefix tokens
+  removed, on the patch grid: 28x28x768 for ViT-B/8 at 224 px), with the hook installed after every block as a
+  PyTorch forward hook, so only timm's public API is used. No pooling is applied (the paper uses raw tokens),
+  ``pool_size`` only affects CNNs.
 * ``"cnn"``: EfficientNet/MobileNet-style (``conv_stem`` + ``bn1`` stem, stages ``blocks.0``...) and ResNet-style
   (``conv1``/``bn1``/``act1``/``maxpool`` stem, stages ``layer1``...). The hook sees feature maps ``(B, C, H, W)``.
   Output: each chosen stage's map averaged over a ``pool_size`` x ``pool_size`` neighbourhood (stride 1, same size),
@@ -23,7 +25,9 @@ readout of the chosen stages.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -111,19 +115,20 @@ class PatchFeatureExtractor(nn.Module):
     # ------------------------------------------------------------------ setup
 
     def _setup_vit(self, layers: Sequence[str] | None) -> None:
-        """Stages = transformer blocks; features = chosen blocks after the final norm."""
+        """Stages = transformer blocks, as timm's ``feature_info`` lists them; features = chosen blocks, normed."""
         vit = self.backbone
-        self._stages: list[nn.Module] = list(vit.blocks)
-        self.stage_names = [f"blocks.{index}" for index in range(len(self._stages))]
+        self.stage_names = [info["module"] for info in vit.feature_info]
+        self._stages: list[nn.Module] = [vit.get_submodule(name) for name in self.stage_names]
         self.layers = self._resolve_layers(layers, default=(self.stage_names[-1],))
+        self._layer_indices = [self.stage_names.index(name) for name in self.layers]
         patch_height, patch_width = vit.patch_embed.patch_size
         if patch_height != patch_width:
             msg = f"Backbone {self.backbone_name} has non-square patches {vit.patch_embed.patch_size}; not supported."
             raise ValueError(msg)
-        self.patch_size = patch_height
+        self.patch_size = vit.feature_info[-1]["reduction"]
         self.num_prefix_tokens = vit.num_prefix_tokens
-        self.stage_channels = [vit.embed_dim] * len(self._stages)
-        self.feature_dim = vit.embed_dim * len(self.layers)
+        self.stage_channels = [info["num_chs"] for info in vit.feature_info]
+        self.feature_dim = sum(self.stage_channels[index] for index in self._layer_indices)
 
     def _setup_cnn(self, layers: Sequence[str] | None) -> None:
         """Find stem and stages of an EfficientNet- or ResNet-style CNN; probe channels and strides on a blank image."""
@@ -206,7 +211,7 @@ class PatchFeatureExtractor(nn.Module):
         return self._aggregate_cnn_maps(self._run_cnn_stages(images, stage_hook))
 
     def _forward_vit(self, images: Tensor, stage_hook: StageHook | None) -> Tensor:
-        """Patch embedding, position embedding, blocks with hook; normed chosen blocks on the patch grid."""
+        """Normed chosen blocks on the patch grid by timm's ``forward_intermediates``; the hook after every block."""
         vit = self.backbone
         height, width = images.shape[-2:]
         if vit.dynamic_img_size:
@@ -222,20 +227,42 @@ class PatchFeatureExtractor(nn.Module):
                 f"dynamic_img_size; got {height}x{width}. Resize the images or build it with dynamic_img_size=True."
             )
             raise ValueError(msg)
-        grid = (height // self.patch_size, width // self.patch_size)
-        tokens = vit.patch_embed(images)
-        tokens = vit._pos_embed(tokens)  # timm's own cls/reg-token concat + (interpolated) position embedding
-        tokens = vit.patch_drop(tokens)
-        tokens = vit.norm_pre(tokens)
-        chosen = {self.stage_names.index(name) for name in self.layers}
-        normed_outputs = []
-        for index in range(max(chosen) + 1):
-            tokens = self._apply_stage(index, tokens, stage_hook)
-            if index in chosen:
-                normed_outputs.append(vit.norm(tokens))
-        patch_tokens = torch.cat(normed_outputs, dim=-1)[:, self.num_prefix_tokens :, :]
-        batch = patch_tokens.shape[0]
-        return patch_tokens.transpose(1, 2).reshape(batch, self.feature_dim, *grid)
+        with self._hooked_stages(stage_hook):
+            chosen_maps = vit.forward_intermediates(
+                images,
+                indices=self._layer_indices,
+                norm=True,
+                stop_early=True,
+                output_fmt="NCHW",
+                intermediates_only=True,
+            )
+        return torch.cat(chosen_maps, dim=1)
+
+    @contextmanager
+    def _hooked_stages(self, stage_hook: StageHook | None) -> Iterator[None]:
+        """Make ``stage_hook`` replace the output of every stage while the context is open (PyTorch forward hooks).
+
+        A forward hook's return value replaces the module's output, so the next block consumes the hooked tensor and
+        gradients flow through the hook, exactly as if the blocks were run one by one with the hook in between.
+        """
+        if stage_hook is None:
+            yield
+            return
+        handles = [
+            stage.register_forward_hook(partial(self._stage_hook_output, index, stage_hook))
+            for index, stage in enumerate(self._stages)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _stage_hook_output(
+        self, index: int, stage_hook: StageHook, _module: nn.Module, _inputs: tuple[Tensor, ...], outputs: Tensor
+    ) -> Tensor:
+        """Forward hook of stage ``index``: the checked output of ``stage_hook``."""
+        return self._checked_hook(index, outputs, stage_hook)
 
     def _run_cnn_stages(self, images: Tensor, stage_hook: StageHook | None) -> list[Tensor]:
         """Stem and stages up to the last chosen one; return the chosen stages' maps."""
@@ -251,10 +278,12 @@ class PatchFeatureExtractor(nn.Module):
         return chosen_maps
 
     def _apply_stage(self, index: int, inputs: Tensor, stage_hook: StageHook | None) -> Tensor:
-        """Run stage ``index``, then the hook; check the hook kept the shape."""
+        """Run stage ``index``, then the hook."""
         outputs = self._stages[index](inputs)
-        if stage_hook is None:
-            return outputs
+        return outputs if stage_hook is None else self._checked_hook(index, outputs, stage_hook)
+
+    def _checked_hook(self, index: int, outputs: Tensor, stage_hook: StageHook) -> Tensor:
+        """``stage_hook(index, outputs)``, checked to keep the shape of the stage output."""
         hooked = stage_hook(index, outputs)
         if not isinstance(hooked, Tensor) or hooked.shape != outputs.shape:
             found = tuple(hooked.shape) if isinstance(hooked, Tensor) else type(hooked).__name__

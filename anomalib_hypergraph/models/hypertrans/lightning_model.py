@@ -38,7 +38,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_hypergraph.backbones import backbone_normalization
+from anomalib_hypergraph.backbones import backbone_data_config
 from anomalib_hypergraph.data.domains import SOURCE, TARGET, CrossDomainPreProcessor, split_domains
 from anomalib_hypergraph.models.checkpoints import CheckpointGuard, CheckpointSpec
 
@@ -93,7 +93,7 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         layers: backbone stages that form the patch descriptors (``None``: the backbone's default).
         pretrained: load pretrained weights (hub when online, the offline weight packages, or ``pretrained_weights``).
         pretrained_weights: local weights file for the backbone, for machines without hub access.
-        image_size: model input size (``None``: 224 for ViTs, 256 for CNNs).
+        image_size: model input size (``None``: the backbone's, from timm's ``pretrained_cfg`` or ``model_kwargs``).
         perturbed_stages: 0-based stages followed by perturbation and an adapter (``None``: paper's layers 3..10).
         noise_mean: mean of the Perlin channel factors (paper: 0).
         noise_std: standard deviation of the Perlin channel factors (paper: 0.75).
@@ -161,7 +161,9 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         if pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size=image_size, backbone=backbone)
+            pre_processor = self.configure_pre_processor(
+                image_size=image_size, backbone=backbone, model_kwargs=model_kwargs
+            )
         elif isinstance(pre_processor, nn.Module) and hasattr(pre_processor, "transform"):
             pre_processor = CrossDomainPreProcessor.from_pre_processor(pre_processor)
         super().__init__(
@@ -218,11 +220,14 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         cls,
         image_size: tuple[int, int] | None = None,
         backbone: str = "vit_base_patch8_224.dino",
+        model_kwargs: dict[str, Any] | None = None,
     ) -> CrossDomainPreProcessor:
-        """Resize to the backbone's input size and normalise with the statistics its weights expect."""
-        size = image_size or ((224, 224) if "vit" in backbone else (256, 256))
-        mean, std = backbone_normalization(backbone)
-        transform = Compose([Resize(size, antialias=True), Normalize(mean=list(mean), std=list(std))])
+        """Resize to ``image_size`` or the backbone's input size; normalise with the statistics its weights expect."""
+        data_config = backbone_data_config(backbone, model_kwargs)  # timm's pretrained_cfg; img_size of model_kwargs
+        size = image_size or data_config.input_size
+        transform = Compose(
+            [Resize(size, antialias=True), Normalize(mean=list(data_config.mean), std=list(data_config.std))]
+        )
         return CrossDomainPreProcessor(transform=transform)
 
     @staticmethod
