@@ -252,6 +252,17 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         return torch.optim.Adam(self.model.perturbation.parameters(), lr=self.lr_perturbation)
 
     # ----------------------------------------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        """Before Lightning wraps the model (DDP): hide the residual HGNN from DDP while stage 1 trains the adapters.
+
+        DDP's reducer expects a gradient for every trainable parameter in each backward; stage 1's loss (Eq. 7) does
+        not touch the HGNN, which stage 2 trains in lockstep outside DDP (``_train_rectifier`` unfreezes it). Without
+        adapters the HGNN stays trainable, so that DDP still has a parameter to wrap.
+        """
+        super().setup(stage)
+        if stage == "fit" and self.model.rectifier is not None and self.model.perturbation is not None:
+            self.model.rectifier.requires_grad_(False)
+
     def on_train_start(self) -> None:
         """Shorten stage 1 when the trainer's epoch budget cannot hold it plus the bank epoch."""
         max_epochs = self.trainer.max_epochs
@@ -342,6 +353,7 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         in lockstep without any all-reduce (the HGNN is not run through the DDP wrapper).
         """
         rectifier = self.model.rectifier
+        rectifier.requires_grad_(True)  # frozen for DDP during stage 1, see setup
         parameters = list(rectifier.parameters())
         optimizer = torch.optim.Adam(parameters, lr=self.lr_rectification)
         rectifier.train()
