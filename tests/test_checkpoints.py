@@ -125,6 +125,14 @@ def test_image_size_difference_says_the_checkpoint_pre_processing_applies(
     assert tuple(model.input_size) == (64, 64)
 
 
+def test_strict_false_loads_what_fits_with_a_warning(checkpoint: dict, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        model = HyperTrans.load_from_checkpoint(checkpoint["path"], strict=False, use_rectification=False)
+    assert "use_rectification: checkpoint True, model False" in warnings_of(caplog)
+    assert "strict=False" in warnings_of(caplog)
+    assert model.model.rectifier is None and model.model.is_fitted
+
+
 def test_matching_options_load_without_warnings(checkpoint: dict, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger=LOGGER):
         HyperTrans.load_from_checkpoint(checkpoint["path"])

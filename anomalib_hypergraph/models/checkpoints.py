@@ -56,9 +56,21 @@ logger = logging.getLogger(__name__)
 # Differences shown in one message before the rest is summarised as a count.
 _MAX_LISTED = 8
 _ABSENT = "<absent>"
-# The checkpoint's own hyper-parameters while ``load_from_checkpoint`` runs: Lightning merges the caller's overrides
-# into ``checkpoint["hyper_parameters"]`` before ``on_load_checkpoint`` sees it, which would hide every difference.
-_STORED_HPARAMS: ContextVar[Mapping[str, Any] | None] = ContextVar("stored_hparams", default=None)
+
+
+@dataclass(frozen=True)
+class _LoadRequest:
+    """What ``load_from_checkpoint`` knows and ``on_load_checkpoint`` does not.
+
+    The checkpoint's own options (Lightning merges the caller's overrides into ``checkpoint["hyper_parameters"]``
+    first, which would hide every difference) and the caller's ``strict``.
+    """
+
+    stored_hparams: Mapping[str, Any] | None
+    strict: bool | None
+
+
+_LOAD_REQUEST: ContextVar[_LoadRequest | None] = ContextVar("load_request", default=None)
 
 
 class CheckpointFileError(ValueError):
@@ -206,9 +218,12 @@ def _comparable(value: Any) -> Any:
 def hparam_differences(
     checkpoint_hparams: Mapping[str, Any], model_hparams: Mapping[str, Any]
 ) -> list[HparamDifference]:
-    """Options whose values differ between checkpoint and model, in sorted order; a missing side is ``<absent>``."""
+    """Options whose values differ between checkpoint and model, in sorted order; a missing side is ``<absent>``.
+
+    Keys starting with ``_`` are Lightning's bookkeeping (``_instantiator``, ``_class_path``), not options.
+    """
     differences = []
-    for name in sorted(set(checkpoint_hparams) | set(model_hparams)):
+    for name in sorted(key for key in set(checkpoint_hparams) | set(model_hparams) if not str(key).startswith("_")):
         stored = _comparable(checkpoint_hparams.get(name, _ABSENT))
         current = _comparable(model_hparams.get(name, _ABSENT))
         if stored != current:
@@ -267,7 +282,9 @@ def check_checkpoint(
     model: nn.Module,
     model_hparams: Mapping[str, Any],
     spec: CheckpointSpec,
+    *,
     stored_hparams: Mapping[str, Any] | None = None,
+    strict: bool = True,
 ) -> None:
     """Refuse a checkpoint that does not fit ``model``; name every option that differs; keep derived state.
 
@@ -279,10 +296,12 @@ def check_checkpoint(
         spec: What the model's checkpoints hold and how its options relate to them.
         stored_hparams: The checkpoint's hyper-parameters as written, when ``checkpoint["hyper_parameters"]`` may
             have been merged with overrides (``load_from_checkpoint``); ``None``: take them from the checkpoint.
+        strict: ``False`` (the caller asked to load what fits): architecture differences and a state dict that does
+            not fit are warnings instead of errors.
 
     Raises:
-        CheckpointMismatchError: another model wrote the checkpoint, an architecture option differs, or the state dict
-            does not fit the model.
+        CheckpointMismatchError: another model wrote the checkpoint, or (``strict``) an architecture option differs or
+            the state dict does not fit the model.
 
     """
     name = spec.model_name
@@ -317,7 +336,7 @@ def check_checkpoint(
             f"--model.* flags as for training), or load it with {name}.load_from_checkpoint(path), which takes them "
             "from the checkpoint."
         )
-        raise CheckpointMismatchError(msg)
+        _refuse_or_warn(msg, strict)
 
     own_state = model.state_dict()
     for key in spec.derived_state_keys:
@@ -328,7 +347,7 @@ def check_checkpoint(
     misfit = _state_dict_misfit(state_dict, model)
     if misfit:
         msg = f"This {name} checkpoint's state dict does not fit the model: " + "; ".join(misfit) + "."
-        raise CheckpointMismatchError(msg)
+        _refuse_or_warn(msg, strict)
 
     restored = [difference for difference in differences if difference.name in spec.restored_hparams]
     inert = [difference for difference in differences if difference.name in spec.inert_hparams]
@@ -355,6 +374,13 @@ def check_checkpoint(
         )
 
 
+def _refuse_or_warn(message: str, strict: bool) -> None:
+    """Raise :class:`CheckpointMismatchError`, or under ``strict=False`` log the message as a warning."""
+    if strict:
+        raise CheckpointMismatchError(message)
+    logger.warning("%s Loading what fits (strict=False).", message)
+
+
 class CheckpointGuard:
     """Mixin for ``AnomalibModule`` subclasses: readable checkpoint files, and checkpoints that fit the model.
 
@@ -368,8 +394,15 @@ class CheckpointGuard:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that does not fit this model and name every option that differs (module docstring)."""
+        request = _LOAD_REQUEST.get()
+        strict = request.strict if request is not None and request.strict is not None else self.strict_loading
         check_checkpoint(
-            checkpoint, self, dict(self.hparams), self.checkpoint_spec, stored_hparams=_STORED_HPARAMS.get()
+            checkpoint,
+            self,
+            dict(self.hparams),
+            self.checkpoint_spec,
+            stored_hparams=request.stored_hparams if request is not None else None,
+            strict=strict,
         )
         super().on_load_checkpoint(checkpoint)
 
@@ -383,7 +416,15 @@ class CheckpointGuard:
             strategy.checkpoint_io = FileNamingCheckpointIO(extra_safe_globals=extras)
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> Any:
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool = True,
+        **kwargs: Any,
+    ) -> Any:
         """Load like ``AnomalibModule.load_from_checkpoint``, comparing the file's options with the overrides given.
 
         Raises:
@@ -391,8 +432,16 @@ class CheckpointGuard:
             CheckpointMismatchError: see :func:`check_checkpoint`.
 
         """
-        token = _STORED_HPARAMS.set(read_stored_hparams(checkpoint_path, cls.checkpoint_safe_globals()))
+        stored = read_stored_hparams(checkpoint_path, cls.checkpoint_safe_globals()) if hparams_file is None else None
+        token = _LOAD_REQUEST.set(_LoadRequest(stored_hparams=stored, strict=strict))
         try:
-            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+            return super().load_from_checkpoint(
+                checkpoint_path,
+                map_location=map_location,
+                hparams_file=hparams_file,
+                strict=strict,
+                weights_only=weights_only,
+                **kwargs,
+            )
         finally:
-            _STORED_HPARAMS.reset(token)
+            _LOAD_REQUEST.reset(token)
