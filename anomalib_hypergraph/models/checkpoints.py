@@ -26,6 +26,9 @@ compared with the model's, and every difference is named:
   such options at construction (``derived_state_keys``, e.g. a Gaussian blur kernel) are taken from the model, so
   its value really applies.
 
+A caller who loads with ``strict=False`` (``load_from_checkpoint(..., strict=False)`` or the module's
+``strict_loading``) asked for whatever fits: the errors are then warnings.
+
 Where the file is read: ``Model.load_from_checkpoint`` (overridden here) and, for ``ckpt_path`` runs, the trainer
 strategy's checkpoint IO. The model's ``setup`` hook runs before the trainer restores a checkpoint, but the path is
 not visible there, so :meth:`CheckpointGuard.setup` swaps Lightning's/anomalib's default checkpoint IO for
