@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from anomalib_hypergraph.hypergraph import (
+    AttachedHyperedges,
     HypergraphConv,
     HypergraphMemoryBank,
+    IncidenceKernel,
     SoftHypergraph,
+    bank_hypergraph,
     chunked_knn,
     gather_rows,
-    incidence_from_distance,
-    smooth_queries,
+    weighted_gather_sum,
 )
 from anomalib_hypergraph.hypergraph import knn as knn_module
 
@@ -139,20 +141,33 @@ def test_from_knn_never_allocates_n_by_n() -> None:
     assert peak_growth < dense_bytes / 10, f"peak RSS grew by {peak_growth / 2**20:.0f} MiB"
 
 
-def test_incidence_kernels() -> None:
+def test_incidence_kernel_is_scale_free() -> None:
     distances = torch.tensor([[0.0, 1.0, 3.0]])
-    assert torch.allclose(incidence_from_distance(distances), torch.tensor([[1.0, 0.5, 0.25]]))
-    gaussian = incidence_from_distance(distances, kernel="gaussian", bandwidth=1.0)
-    assert torch.allclose(gaussian, torch.exp(-(distances**2) / 2))
-    default = incidence_from_distance(distances, kernel="gaussian")  # bandwidth = mean distance = 4/3
-    assert torch.allclose(default, torch.exp(-(distances**2) / (2 * (4 / 3) ** 2)))
-    assert torch.equal(incidence_from_distance(torch.zeros(4), kernel="gaussian"), torch.ones(4))
-    with pytest.raises(ValueError, match=r"unknown kernel 'cosine'; choose one of \('reciprocal', 'gaussian'\)"):
-        incidence_from_distance(distances, kernel="cosine")
-    with pytest.raises(ValueError, match="bandwidth must be > 0"):
-        incidence_from_distance(distances, kernel="gaussian", bandwidth=0.0)
-    with pytest.raises(ValueError, match="non-negative"):
-        incidence_from_distance(-distances - 1)
+    reciprocal = IncidenceKernel("reciprocal")
+    assert torch.allclose(reciprocal(distances), torch.tensor([[1.0, 0.5, 0.25]]))  # unfitted: scale 1
+    reciprocal.fit(torch.tensor([2.0, 6.0]))  # mean neighbour distance 4
+    assert float(reciprocal.scale) == 4.0
+    assert torch.allclose(reciprocal(distances * 4), torch.tensor([[1.0, 0.5, 0.25]]))
+    assert torch.allclose(reciprocal.defect(distances * 4), torch.tensor([[0.0, 0.5, 0.75]]))
+    gaussian = IncidenceKernel("gaussian")
+    gaussian.fit(torch.tensor([2.0]))
+    assert torch.allclose(gaussian(distances), torch.exp(-((distances / 2) ** 2) / 2))
+    # Features scaled by any factor give the same incidence once the kernel is fitted on their own bank.
+    bank = random_features(30, 5, seed=3)
+    incidences = []
+    for factor in (1.0, 37.0):
+        kernel = IncidenceKernel()
+        distances, _ = chunked_knn(bank * factor, bank * factor, 4, exclude_self=True)
+        kernel.fit(distances)
+        incidences.append(kernel(distances))
+    assert torch.allclose(incidences[0], incidences[1], atol=1e-5)
+    restored = IncidenceKernel()
+    restored.load_state_dict(reciprocal.state_dict())
+    assert float(restored.scale) == 4.0
+    with pytest.raises(ValueError, match=r"incidence kernel must be one of \('reciprocal', 'gaussian'\)"):
+        IncidenceKernel("cosine")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-finite"):
+        reciprocal.fit(torch.tensor([1.0, float("nan")]))
 
 
 # ----------------------------------------------------------------------------------------------------- structure
@@ -256,35 +271,68 @@ def test_laplacian_quadratic() -> None:
     assert torch.allclose(hypergraph.laplacian_quadratic(signals), per_channel, atol=1e-5)
 
 
-def test_smooth_queries_matches_dense_joint_hypergraph_with_fixed_bank_degrees() -> None:
-    bank = random_features(12, 4, seed=13)
-    bank_graph = SoftHypergraph.from_knn(bank, 3)
-    queries = random_features(3, 4, seed=14)
-    distances, neighbours = chunked_knn(queries, bank, 3)
-    incidence = incidence_from_distance(distances)
-    bank_degree = bank_graph.vertex_degree()
-
-    # Joint incidence: bank hyperedges unchanged, plus one hyperedge per query (query + its bank neighbours).
-    num_bank, num_query = 12, 3
-    joint = torch.zeros(num_bank + num_query, bank_graph.num_edges + num_query)
-    joint[:num_bank, : bank_graph.num_edges] = bank_graph.incidence_dense()
+def attached_reference(bank: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
+    """Eq. 8 rows of queries in the dense joint hypergraph: bank hyperedges e_v = kNN(v) (self included) unchanged,
+    one hyperedge {q} + kNN(q) per query, bank vertex degrees those of the bank hypergraph alone."""
+    distances, neighbours = chunked_knn(bank, bank, k)
+    bank_graph = bank_hypergraph(neighbours, 1 / (1 + distances))
+    query_distances, query_neighbours = chunked_knn(queries, bank, k)
+    num_bank, num_query = bank.shape[0], queries.shape[0]
+    joint = torch.zeros(num_bank + num_query, num_bank + num_query)
+    joint[:num_bank, :num_bank] = bank_graph.incidence_dense()
     for q in range(num_query):
-        joint[num_bank + q, bank_graph.num_edges + q] = 1.0
-        joint[neighbours[q], bank_graph.num_edges + q] = incidence[q]
-    vertex_degree = joint.sum(dim=1)  # W = 1
-    vertex_degree[:num_bank] = bank_degree  # inductive approximation: bank degrees held fixed
+        joint[num_bank + q, num_bank + q] = 1.0
+        joint[query_neighbours[q], num_bank + q] = 1 / (1 + query_distances[q])
+    vertex_degree = joint.sum(dim=1)
+    vertex_degree[:num_bank] = bank_graph.vertex_degree()  # queries do not change the bank's degrees
     theta = torch.diag(vertex_degree.rsqrt()) @ joint @ torch.diag(1 / joint.sum(dim=0)) @ joint.T
     theta = theta @ torch.diag(vertex_degree.rsqrt())
-    expected = (theta @ torch.cat([bank, queries]))[num_bank:]
+    return (theta @ torch.cat([bank, queries]))[num_bank:]
 
-    result = smooth_queries(queries, bank, bank_degree, neighbours, incidence)
-    assert torch.allclose(result, expected, atol=1e-6)
-    with pytest.raises(ValueError, match=r"bank_vertex_degree must have shape \(12,\)"):
-        smooth_queries(queries, bank, bank_degree[:5], neighbours, incidence)
+
+def test_attached_hyperedges_match_dense_joint_hypergraph_and_treat_a_bank_copy_like_its_vertex() -> None:
+    bank = random_features(12, 4, seed=13)
+    queries = torch.cat([random_features(3, 4, seed=14), bank[5:6]])  # the last query is a copy of bank vertex 5
+    distances, neighbours = chunked_knn(bank, bank, 3)
+    degree = bank_hypergraph(neighbours, 1 / (1 + distances)).vertex_degree()
+    query_distances, query_neighbours = chunked_knn(queries, bank, 3)
+    hyperedges = AttachedHyperedges.from_neighbours([query_neighbours], [1 / (1 + query_distances)], [degree])
+    result = hyperedges.smooth(queries, [bank])
+    assert torch.allclose(result, attached_reference(bank, queries, 3), atol=1e-6)
+
+    # Bank vertices attached by their own hyperedges: vertex 5 comes out exactly like its copy among the queries.
+    bank_edges = AttachedHyperedges.from_neighbours([neighbours], [1 / (1 + distances)], [degree])
+    assert torch.equal(bank_edges.smooth(bank, [bank])[5], result[-1])
+
+    # Splitting the bank into two parts, each searched on its own, and keeping the 3 nearest overall is the same.
+    parts = [bank[:7], bank[7:]]
+    searches = [chunked_knn(queries, part, 3) for part in parts]
+    kth = torch.cat([d for d, _ in searches], dim=1).topk(3, dim=1, largest=False).values[:, -1:]
+    split = AttachedHyperedges.from_neighbours(
+        [index for _, index in searches],
+        [(1 / (1 + d)) * (d <= kth) for d, _ in searches],
+        [degree[:7], degree[7:]],
+    )
+    assert torch.allclose(split.smooth(queries, parts), result, atol=1e-6)
+    with pytest.raises(ValueError, match="needs 2 bank parts, got 1"):
+        split.smooth(queries, [bank])
+
+
+def test_weighted_gather_sum_matches_explicit_gather_and_its_gradients() -> None:
+    values = random_features(9, 5, seed=20).requires_grad_(True)
+    index = torch.randint(0, 9, (6, 3), generator=torch.Generator().manual_seed(21))
+    weight = torch.rand(6, 3, generator=torch.Generator().manual_seed(22)).requires_grad_(True)
+    fused = weighted_gather_sum(values, index, weight)
+    explicit = (weight.unsqueeze(-1) * values[index]).sum(dim=1)
+    assert torch.allclose(fused, explicit, atol=1e-6)
+    fused_grads = torch.autograd.grad(fused.square().sum(), (values, weight))
+    explicit_grads = torch.autograd.grad(explicit.square().sum(), (values, weight))
+    for fused_grad, explicit_grad in zip(fused_grads, explicit_grads, strict=True):
+        assert torch.allclose(fused_grad, explicit_grad, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------- conv
-def test_hypergraph_conv_forward_and_forward_queries() -> None:
+def test_hypergraph_conv_forward_and_forward_attached() -> None:
     torch.manual_seed(15)
     conv = HypergraphConv(4, 6)
     with torch.no_grad():
@@ -298,10 +346,9 @@ def test_hypergraph_conv_forward_and_forward_queries() -> None:
 
     queries = random_features(5, 4, seed=17)
     distances, neighbours = chunked_knn(queries, bank, 3)
-    incidence = incidence_from_distance(distances)
-    degree = hypergraph.vertex_degree()
-    expected = smooth_queries(queries @ conv.theta.weight.T, projected, degree, neighbours, incidence) + conv.bias
-    assert torch.allclose(conv.forward_queries(queries, bank, degree, neighbours, incidence), expected, atol=1e-6)
+    hyperedges = AttachedHyperedges.from_neighbours([neighbours], [1 / (1 + distances)], [hypergraph.vertex_degree()])
+    expected = hyperedges.smooth(queries @ conv.theta.weight.T, [projected]) + conv.bias
+    assert torch.allclose(conv.forward_attached(queries, hyperedges, [bank]), expected, atol=1e-6)
 
     no_bias = HypergraphConv(4, 6, bias=False)
     assert no_bias.bias is None

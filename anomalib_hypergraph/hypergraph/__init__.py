@@ -6,18 +6,22 @@ weights, Laplacian smoothness). Torch-only: no Lightning imports.
 
 from anomalib_hypergraph.hypergraph.conv import HypergraphConv
 from anomalib_hypergraph.hypergraph.distributed import gather_rows
-from anomalib_hypergraph.hypergraph.knn import INCIDENCE_KERNELS, chunked_knn, incidence_from_distance
+from anomalib_hypergraph.hypergraph.inductive import AttachedHyperedges, bank_hypergraph, weighted_gather_sum
+from anomalib_hypergraph.hypergraph.kernel import KERNEL_KINDS, IncidenceKernel
+from anomalib_hypergraph.hypergraph.knn import chunked_knn
 from anomalib_hypergraph.hypergraph.memory_bank import HypergraphMemoryBank, greedy_coreset
-from anomalib_hypergraph.hypergraph.structure import SoftHypergraph, smooth_queries
+from anomalib_hypergraph.hypergraph.structure import SoftHypergraph
 
 __all__ = [
-    "INCIDENCE_KERNELS",
+    "KERNEL_KINDS",
+    "AttachedHyperedges",
     "HypergraphConv",
     "HypergraphMemoryBank",
+    "IncidenceKernel",
     "SoftHypergraph",
+    "bank_hypergraph",
     "chunked_knn",
     "gather_rows",
     "greedy_coreset",
-    "incidence_from_distance",
-    "smooth_queries",
+    "weighted_gather_sum",
 ]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from anomalib_hypergraph.hypergraph.structure import SoftHypergraph, smooth_queries
+from anomalib_hypergraph.hypergraph.structure import SoftHypergraph
+
+if TYPE_CHECKING:
+    from anomalib_hypergraph.hypergraph.inductive import AttachedHyperedges
 
 
 class HypergraphConv(nn.Module):
@@ -52,29 +58,21 @@ class HypergraphConv(nn.Module):
         """
         return self._add_bias(hypergraph.smooth(self.theta(x), edge_weight))  # Eq. 8 (before sigma)
 
-    def forward_queries(
-        self,
-        query_x: torch.Tensor,
-        bank_x: torch.Tensor,
-        bank_vertex_degree: torch.Tensor,
-        neighbour_index: torch.Tensor,
-        neighbour_incidence: torch.Tensor,
+    def forward_attached(
+        self, x: torch.Tensor, hyperedges: AttachedHyperedges, bank_x: Sequence[torch.Tensor]
     ) -> torch.Tensor:
-        """Inductive convolution of query vertices attached to a fixed bank hypergraph (see :func:`smooth_queries`).
+        """Convolve vertices attached to a fixed bank hypergraph by one hyperedge each (see :mod:`.inductive`).
 
         The smoothing is linear, so it runs before Theta: the cost is O(Q * K * C_in + Q * C_in * C_out) per call,
-        independent of the bank size N, and the graph is free of data-dependent shapes (ONNX export).
+        independent of the bank size.
 
         Args:
-            query_x: query features ``(Q, C_in)``.
-            bank_x: bank features ``(N, C_in)``, the input this layer sees on the bank hypergraph.
-            bank_vertex_degree: D_v of the bank hypergraph ``(N,)``.
-            neighbour_index: bank neighbours of each query ``(Q, K)``.
-            neighbour_incidence: their incidence ``(Q, K)``.
+            x: the attached vertices' features ``(Q, C_in)``.
+            hyperedges: their attached hyperedges.
+            bank_x: per bank part, the bank vertices' input to this layer ``(N_p, C_in)``.
 
         Returns:
             ``(Q, C_out)``.
 
         """
-        smoothed = smooth_queries(query_x, bank_x, bank_vertex_degree, neighbour_index, neighbour_incidence)
-        return self._add_bias(self.theta(smoothed))  # Eq. 8 (before sigma), query rows
+        return self._add_bias(self.theta(hyperedges.smooth(x, bank_x)))  # Eq. 8 (before sigma), attached rows

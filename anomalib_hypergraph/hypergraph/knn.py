@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-INCIDENCE_KERNELS = ("reciprocal", "gaussian")
-
 
 def _block_ranking_distances(
     query_block: torch.Tensor, reference_block: torch.Tensor, reference_squared_norm: torch.Tensor
@@ -152,48 +150,3 @@ def _knn_of_block(
     exact = _exact_distances(query_block, reference, best_indices)
     exact, order = torch.topk(exact, exact.shape[1], dim=1, largest=False)  # ascending; ONNX has no Sort
     return exact, torch.gather(best_indices, 1, order)
-
-
-def incidence_from_distance(
-    distances: torch.Tensor, kernel: str = "reciprocal", bandwidth: float | None = None
-) -> torch.Tensor:
-    """Soft incidence H[j, e] in (0, 1] from the Euclidean distance between a hyperedge's centre and member j.
-
-    Kernels (HyperTrans sec. 3.3 uses "reciprocal Euclidean distance" as similarity; the exact form is ours):
-
-    - ``"reciprocal"``: ``1 / (1 + d)``; 1 at distance 0, scale-free, heavy-tailed.
-    - ``"gaussian"``: ``exp(-d^2 / (2 s^2))`` with ``s = bandwidth``, or the mean of ``distances`` when ``bandwidth``
-      is None. With the data-driven default the incidence depends on the batch of distances given; pass the bank's
-      bandwidth explicitly when queries must be scored on the bank's scale.
-
-    Args:
-        distances: non-negative distances, any shape.
-        kernel: ``"reciprocal"`` or ``"gaussian"``.
-        bandwidth: Gaussian width ``s > 0``; ignored by ``"reciprocal"``.
-
-    Returns:
-        Incidence values of the same shape as ``distances``.
-
-    Raises:
-        ValueError: unknown kernel, non-positive bandwidth, or negative distances.
-
-    """
-    if kernel not in INCIDENCE_KERNELS:
-        msg = f"incidence_from_distance: unknown kernel {kernel!r}; choose one of {INCIDENCE_KERNELS}."
-        raise ValueError(msg)
-    # The value check is skipped while torch.export traces (ONNX export): it would be a data-dependent branch.
-    if not torch.compiler.is_exporting() and distances.numel() and bool((distances < 0).any()):
-        msg = "incidence_from_distance: distances must be non-negative."
-        raise ValueError(msg)
-    if kernel == "reciprocal":
-        return 1.0 / (1.0 + distances)
-    if bandwidth is not None and bandwidth <= 0:
-        msg = f"incidence_from_distance: bandwidth must be > 0, got {bandwidth}."
-        raise ValueError(msg)
-    if bandwidth is None:
-        scale = distances.mean()
-    else:
-        scale = torch.as_tensor(bandwidth, dtype=distances.dtype, device=distances.device)
-    # All-zero distances give scale 0; clamping keeps exp(-(0 / tiny)^2 / 2) = 1 instead of NaN.
-    scale = scale.clamp_min(torch.finfo(distances.dtype).tiny)
-    return torch.exp(-0.5 * (distances / scale) ** 2)

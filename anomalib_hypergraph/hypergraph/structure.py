@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from anomalib_hypergraph.hypergraph.knn import chunked_knn, incidence_from_distance
+from anomalib_hypergraph.hypergraph.kernel import IncidenceKernel
+from anomalib_hypergraph.hypergraph.knn import chunked_knn
 
 if TYPE_CHECKING:
     import dhg
@@ -95,8 +96,7 @@ class SoftHypergraph:
         features: torch.Tensor,
         k: int,
         *,
-        kernel: str = "reciprocal",
-        bandwidth: float | None = None,
+        kernel: IncidenceKernel | None = None,
         chunk_size: int = 2048,
     ) -> SoftHypergraph:
         """One hyperedge per vertex: e_i = {i} U kNN(i), H[i, e_i] = 1, H[j, e_i] = kernel(d_ij), W = I (HDR, Eq. 8).
@@ -108,8 +108,7 @@ class SoftHypergraph:
         Args:
             features: vertex features ``(N, C)``.
             k: neighbours per hyperedge (K), ``1 <= k <= N - 1``.
-            kernel: incidence kernel, see :func:`~.knn.incidence_from_distance`.
-            bandwidth: Gaussian bandwidth; None uses the mean kNN distance.
+            kernel: distance-to-incidence kernel; None: the reciprocal kernel on raw distances, ``1 / (1 + d)``.
             chunk_size: block size of the kNN search.
 
         """
@@ -119,7 +118,7 @@ class SoftHypergraph:
         num_vertices = features.shape[0]
         with torch.no_grad():
             distances, neighbours = chunked_knn(features, features, k, chunk_size=chunk_size, exclude_self=True)
-            neighbour_incidence = incidence_from_distance(distances, kernel=kernel, bandwidth=bandwidth)
+            neighbour_incidence = (kernel if kernel is not None else IncidenceKernel())(distances)
             centres = torch.arange(num_vertices, device=features.device)
             members = torch.cat([centres[:, None], neighbours], dim=1)
             incidence = torch.cat([torch.ones_like(neighbour_incidence[:, :1]), neighbour_incidence], dim=1)
@@ -289,68 +288,3 @@ class SoftHypergraph:
         vertices = self.vertex_index[order].cpu()
         edge_list = [chunk.tolist() for chunk in torch.split(vertices, sizes.cpu().tolist())]
         return dhg.Hypergraph(self.num_vertices, edge_list, e_weight=self.edge_weight.detach().cpu().tolist())
-
-
-def smooth_queries(
-    query_x: torch.Tensor,
-    bank_x: torch.Tensor,
-    bank_vertex_degree: torch.Tensor,
-    neighbour_index: torch.Tensor,
-    neighbour_incidence: torch.Tensor,
-) -> torch.Tensor:
-    r"""Eq. 8 rows for query vertices attached inductively to a fixed bank hypergraph.
-
-    Each query q gets one new hyperedge :math:`e_q = \{q\} \cup \mathrm{kNN}_{bank}(q)` with H[q, e_q] = 1,
-    H[j, e_q] = ``neighbour_incidence[q]`` and weight 1. The output is row q of
-
-    .. math::
-        D_v^{-1/2} H W D_e^{-1} H^\top D_v^{-1/2} X
-
-    on the bank + queries hypergraph, i.e.
-    :math:`x'_q = \frac{1}{D_e(e_q)} (x_q + \sum_j H[j, e_q] D_v(j)^{-1/2} x_j)` with
-    :math:`D_v(q) = 1` and :math:`D_e(e_q) = 1 + \sum_j H[j, e_q]`.
-
-    Approximation (what makes inference linear in the bank size and free of rebuilding): the bank's hyperedges, and
-    the bank vertex degrees ``bank_vertex_degree``, are those of the bank hypergraph alone. In the exact joint
-    hypergraph a bank vertex j that joins e_q would have degree D_v(j) + H[j, e_q] and q could also enter bank
-    hyperedges whose members it is close to; both are ignored, so queries do not influence each other or the bank.
-
-    Args:
-        query_x: query features ``(Q, C)``.
-        bank_x: bank features ``(N, C)`` (the features the bank hypergraph was smoothed with).
-        bank_vertex_degree: D_v of the bank hypergraph ``(N,)``; a non-positive degree contributes 0.
-        neighbour_index: bank neighbours of each query ``(Q, K)`` int64.
-        neighbour_incidence: their incidence H[j, e_q] ``(Q, K)``.
-
-    Returns:
-        ``(Q, C)`` smoothed query features.
-
-    """
-    if query_x.ndim != 2 or bank_x.ndim != 2 or query_x.shape[1] != bank_x.shape[1]:
-        msg = (
-            "smooth_queries expects query_x (Q, C) and bank_x (N, C), got "
-            f"{tuple(query_x.shape)} and {tuple(bank_x.shape)}."
-        )
-        raise ValueError(msg)
-    num_query, num_bank = query_x.shape[0], bank_x.shape[0]
-    if bank_vertex_degree.shape != (num_bank,):
-        msg = (
-            f"smooth_queries: bank_vertex_degree must have shape ({num_bank},), got {tuple(bank_vertex_degree.shape)}."
-        )
-        raise ValueError(msg)
-    if (
-        neighbour_index.ndim != 2
-        or neighbour_index.shape[0] != num_query
-        or neighbour_incidence.shape != neighbour_index.shape
-    ):
-        msg = (
-            f"smooth_queries: neighbour_index and neighbour_incidence must both be ({num_query}, K), got "
-            f"{tuple(neighbour_index.shape)} and {tuple(neighbour_incidence.shape)}."
-        )
-        raise ValueError(msg)
-    incidence = neighbour_incidence.to(query_x.dtype)
-    index = neighbour_index.long()
-    weights = incidence * _safe_power(bank_vertex_degree.to(query_x.dtype), -0.5)[index]  # H[j,e_q] D_v(j)^-1/2
-    neighbours = (weights.unsqueeze(-1) * bank_x[index]).sum(dim=1)  # sum_j H[j,e_q] D_v(j)^-1/2 x_j, (Q, C)
-    edge_degree = 1.0 + incidence.sum(dim=1, keepdim=True)  # D_e(e_q)
-    return (query_x + neighbours) / edge_degree  # Eq. 8, row q (D_v(q) = W = H[q,e_q] = 1)

@@ -36,6 +36,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_hypergraph.backbones import backbone_data_config
@@ -103,18 +104,21 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         lr_perturbation: Adam learning rate of the adapters (the paper does not give one; our choice).
         lr_rectification: Adam learning rate of the residual HGNN (our choice).
         coreset_sampling_ratio: fraction of source patches kept by greedy coreset (paper: 0.1).
-        num_neighbors: K nearest vertices joined to each hyperedge (our choice: 10).
-        incidence_kernel: ``"reciprocal"`` (1/(1+d)) or ``"gaussian"`` incidence from distances.
-        incidence_bandwidth: width of the ``"gaussian"`` kernel (required with it; unused by ``"reciprocal"``).
+        num_neighbors: K, the bank vertices in each vertex's hyperedge (our choice: 10; a bank vertex counts itself).
+        incidence_kernel: ``"reciprocal"`` 1/(1+d/s) or ``"gaussian"`` exp(-(d/s)^2/2), s = the bank's mean k-NN
+            distance (scale-free; fitted when the banks are built).
         alpha: residual weight of the HGNN branch, Eq. 9 (paper: 0.3).
         dropout: dropout in the residual HGNN (paper: 0.5).
         beta: weight of the source sub-hypergraph, Eq. 18-19 (paper: 0.6).
+        domain_weighting: ``"evidence"`` (ours, default): beta times the share of target vertices in a cross-domain
+            hyperedge, so a source domain that never meets the target gets no weight; ``"fixed"``: beta (the paper).
         sigma: Gaussian smoothing of the anomaly map (paper: 4).
         chunk_size: rows per block in distance computations.
         use_domain_perturbation: ablation switch for DP (Table 3).
         use_rectification: ablation switch for HDR (Table 3).
         use_cross_domain_scoring: ablation switch for CDS (Table 3).
-        seed: seed of the coreset and of stage 2 (identical on every rank under DDP).
+        seed: seed of everything random in training: adapter and HGNN initialisation, Perlin draws, the order of the
+            training images, the coreset, stage-2 dropout (private generators, identical on every rank under DDP).
         model_kwargs: extra keyword arguments for ``timm.create_model`` (tiny test backbones).
         pre_processor: pre-processor or ``True`` for the backbone's resize + normalisation.
         post_processor: post-processor or ``True`` for anomalib's default.
@@ -144,10 +148,10 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         coreset_sampling_ratio: float = 0.1,
         num_neighbors: int = 10,
         incidence_kernel: str = "reciprocal",
-        incidence_bandwidth: float | None = None,
         alpha: float = 0.3,
         dropout: float = 0.5,
         beta: float = 0.6,
+        domain_weighting: str = "evidence",
         sigma: float = 4.0,
         chunk_size: int = 2048,
         use_domain_perturbation: bool = True,
@@ -193,15 +197,16 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
             adapter_reduction=adapter_reduction,
             num_neighbors=num_neighbors,
             incidence_kernel=incidence_kernel,
-            incidence_bandwidth=incidence_bandwidth,
             alpha=alpha,
             dropout=dropout,
             beta=beta,
+            domain_weighting=domain_weighting,
             sigma=sigma,
             chunk_size=chunk_size,
             use_domain_perturbation=use_domain_perturbation,
             use_rectification=use_rectification,
             use_cross_domain_scoring=use_cross_domain_scoring,
+            seed=seed,
         )
         self.epochs_perturbation = epochs_perturbation if use_domain_perturbation else 0
         self.epochs_rectification = epochs_rectification
@@ -249,7 +254,7 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         """Adam over the adapters (stage 1). Stage 2's optimiser lives inside the bank epoch, see ``_finish_fit``."""
         if self.model.perturbation is None:
             return None
-        return torch.optim.Adam(self.model.perturbation.parameters(), lr=self.lr_perturbation)
+        return self.model.perturbation_optimizer(self.lr_perturbation)
 
     # ----------------------------------------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
@@ -264,7 +269,8 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
             self.model.rectifier.requires_grad_(False)
 
     def on_train_start(self) -> None:
-        """Shorten stage 1 when the trainer's epoch budget cannot hold it plus the bank epoch."""
+        """Seed the order of the training images; shorten stage 1 when ``max_epochs`` cannot hold it and the banks."""
+        seed_shuffling(self.trainer.train_dataloader, self.seed)
         max_epochs = self.trainer.max_epochs
         planned = self.epochs_perturbation
         if max_epochs is not None and max_epochs >= 0 and planned >= max_epochs:
@@ -290,13 +296,9 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         source, target = split_domains(batch)
         if self.in_perturbation_stage:
             images = source.image if source is not None else target.image
-            loss = self.model.perturbation_loss(images)  # Eq. 7
-            optimizer = self.optimizers()
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
-            self.log("train/loss_dp", loss.detach(), prog_bar=True, on_step=True, on_epoch=True)
-            return {"loss": loss.detach()}
+            loss = self.model.perturbation_step(images, self.optimizers(), backward=self.manual_backward)  # Eq. 7
+            self.log("train/loss_dp", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
+            return {"loss": loss}
 
         with torch.no_grad():
             for domain, domain_batch in ((SOURCE, source), (TARGET, target)):
@@ -317,70 +319,41 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         return None
 
     def _finish_fit(self) -> None:
-        """Finalise the banks, run stage 2 (HDR) and store what inference needs; then stop training."""
+        """Finalise the banks, run stage 2 (HDR) and store what inference needs (``fit_banks``); then stop training."""
         memory = self.model.memory_bank
         memory.finalize(TARGET, coreset_ratio=None, seed=self.seed)
         if SOURCE in self._staged_domains:
             memory.finalize(SOURCE, coreset_ratio=self.coreset_sampling_ratio, seed=self.seed)
-        target_size = memory.get(TARGET).shape[0]
-        source_size = memory.get(SOURCE).shape[0] if memory.has(SOURCE) else 0
-        logger.info("HyperTrans banks: %d target patches, %d source patches (coreset).", target_size, source_size)
-        self.log("train/target_bank_size", float(target_size))
-        self.log("train/source_bank_size", float(source_size))
-
-        problem = None
-        if self.model.rectifier is not None and not memory.has(SOURCE):
+        elif self.model.rectifier is not None:
             logger.warning("No source-domain images: hypergraph domain rectification needs two domains and is skipped.")
-        elif self.model.rectification_enabled:
-            problem = self.model.prepare_rectification()
-            logger.info(
-                "HDR hypergraph: %d vertices, %d hyperedges; %d vertices took their pseudo feature from the "
-                "nearest other-domain vertex (no cross-domain neighbour in their hyperedges).",
-                problem.hypergraph.num_vertices,
-                problem.hypergraph.num_edges,
-                problem.num_fallback,
-            )
-            self._train_rectifier(problem)
-        self.model.store_rectified_banks(problem)
+        report = self.model.fit_banks(
+            iterations=self.epochs_rectification, lr=self.lr_rectification, on_iteration=self._log_rectification
+        )
+        logger.info(
+            "HyperTrans banks: %d target patches, %d source patches (coreset); kernel scale %.4g; source weight %.3f "
+            "in Eq. 18-19; %s of the vertices took their pseudo feature (Eq. 10) from the nearest other-domain vertex.",
+            report.target_rows,
+            report.source_rows,
+            report.kernel_scale,
+            report.source_weight,
+            "none" if report.fallback_share != report.fallback_share else f"{report.fallback_share:.1%}",
+        )
+        self.log("train/target_bank_size", float(report.target_rows))
+        self.log("train/source_bank_size", float(report.source_rows))
+        self.log("train/source_weight", report.source_weight)
+        if report.losses:
+            self.log("train/loss_dr_first", report.losses[0])
+            self.log("train/loss_dr", report.losses[-1], prog_bar=True)
         self._provisional_target_bank = None
         self._staged_domains.clear()
         self.trainer.should_stop = True
 
-    def _train_rectifier(self, problem: Any) -> None:
-        """Stage 2: full-graph iterations of the residual HGNN on Eq. 11.
-
-        Gradients are taken with ``torch.autograd.grad`` on identical data and a seeded RNG on every rank, so ranks stay
-        in lockstep without any all-reduce (the HGNN is not run through the DDP wrapper).
-        """
-        rectifier = self.model.rectifier
-        rectifier.requires_grad_(True)  # frozen for DDP during stage 1, see setup
-        parameters = list(rectifier.parameters())
-        optimizer = torch.optim.Adam(parameters, lr=self.lr_rectification)
-        rectifier.train()
-        losses: list[float] = []
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.manual_seed(self.seed)
-            for iteration in range(self.epochs_rectification):
-                loss = self.model.rectification_loss(problem)  # Eq. 11
-                gradients = torch.autograd.grad(loss, parameters)
-                for parameter, gradient in zip(parameters, gradients, strict=True):
-                    parameter.grad = gradient
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                if self.logger is not None:
-                    self.logger.log_metrics({"train/loss_dr": losses[-1]}, step=iteration)
-                if iteration == 0 or (iteration + 1) % 10 == 0 or iteration + 1 == self.epochs_rectification:
-                    logger.info(
-                        "HDR stage 2: iteration %d/%d, L_dr = %.6f",
-                        iteration + 1,
-                        self.epochs_rectification,
-                        losses[-1],
-                    )
-        rectifier.eval()
-        if losses:
-            self.log("train/loss_dr_first", losses[0])
-            self.log("train/loss_dr", losses[-1], prog_bar=True)
+    def _log_rectification(self, iteration: int, loss: float) -> None:
+        """Stage-2 progress: every iteration to the logger, every tenth to the log."""
+        if self.logger is not None:
+            self.logger.log_metrics({"train/loss_dr": loss}, step=iteration)
+        if iteration == 0 or (iteration + 1) % 10 == 0 or iteration + 1 == self.epochs_rectification:
+            logger.info("HDR stage 2: iteration %d/%d, L_dr = %.6f", iteration + 1, self.epochs_rectification, loss)
 
     def on_train_end(self) -> None:
         """Warn when training ended before the bank epoch completed (the model then cannot score)."""
@@ -404,9 +377,7 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         if self.model.is_fitted or self._provisional_target_bank is None:
             predictions = self.model(batch.image)
         else:
-            predictions = self.model.score_against(
-                batch.image, source_bank=None, target_bank=self._provisional_target_bank
-            )
+            predictions = self.model.score_against_bank(batch.image, self._provisional_target_bank)
         return batch.update(**predictions._asdict())
 
     def _target_shot_images(self) -> Iterator[torch.Tensor]:
@@ -445,3 +416,26 @@ def patch_keys(image_paths: Sequence[str], patches_per_image: int, device: torch
     )
     patch_index = torch.arange(patches_per_image, dtype=torch.long, device=device)
     return ((image_keys[:, None] << PATCH_INDEX_BITS) | patch_index[None, :]).reshape(-1)
+
+
+def seed_shuffling(loaders: object, seed: int) -> None:
+    """Give every shuffling ``RandomSampler`` among ``loaders`` a private generator seeded with ``seed``.
+
+    anomalib's datamodules shuffle their training loaders with the global random state, which the ``anomalib`` command
+    never seeds, so the order of the stage-1 batches (and with it the adapters) would change from run to run. A sampler
+    that already has a generator (the user chose one) is left alone; DDP's ``DistributedSampler`` is seeded already.
+
+    Args:
+        loaders: a ``DataLoader``, or a (nested) dict / list / tuple of them, as ``trainer.train_dataloader`` returns.
+
+    """
+    if isinstance(loaders, dict):
+        for loader in loaders.values():
+            seed_shuffling(loader, seed)
+    elif isinstance(loaders, list | tuple):
+        for loader in loaders:
+            seed_shuffling(loader, seed)
+    elif isinstance(loaders, DataLoader):
+        sampler = loaders.sampler
+        if isinstance(sampler, RandomSampler) and sampler.generator is None:
+            sampler.generator = torch.Generator().manual_seed(seed)

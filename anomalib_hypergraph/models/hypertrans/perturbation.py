@@ -280,6 +280,8 @@ class DomainPerturbation(nn.Module):
         noise_std: standard deviation of the Perlin factors (paper: 0.75).
         adapter_reduction: bottleneck reduction of each :class:`ResidualAdapter`.
         use_simplified: perturb with the closed form Eq. 6 (default, cheaper) instead of AdaIN Eq. 4-5 (same result).
+        seed: seed of the adapters' initialisation and of the sequence of Perlin draws. Both come from private
+            generators, so stage 1 is reproducible whatever the caller does with the global random state.
 
     """
 
@@ -294,6 +296,7 @@ class DomainPerturbation(nn.Module):
         noise_std: float = 0.75,
         adapter_reduction: int = 4,
         use_simplified: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         stage_channels = list(stage_channels)
@@ -316,12 +319,15 @@ class DomainPerturbation(nn.Module):
         self.noise_mean = noise_mean
         self.noise_std = noise_std
         self.use_simplified = use_simplified
-        self.adapters = nn.ModuleDict(
-            {
-                str(stage): ResidualAdapter(stage_channels[stage], kind, reduction=adapter_reduction)
-                for stage in self.perturbed_stages
-            }
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.adapters = nn.ModuleDict(
+                {
+                    str(stage): ResidualAdapter(stage_channels[stage], kind, reduction=adapter_reduction)
+                    for stage in self.perturbed_stages
+                }
+            )
+        self._noise_generator = torch.Generator().manual_seed(seed)
 
     def perturb(self, features: torch.Tensor) -> torch.Tensor:
         """Re-style one stage output with fresh Perlin channel factors (Eq. 4-6)."""
@@ -330,7 +336,12 @@ class DomainPerturbation(nn.Module):
         with torch.no_grad():
             p_avg, p_std = (
                 perlin_channel_factors(
-                    batch_size, channels, mean=self.noise_mean, std=self.noise_std, device=features.device
+                    batch_size,
+                    channels,
+                    mean=self.noise_mean,
+                    std=self.noise_std,
+                    seed=int(torch.randint(2**62, (), generator=self._noise_generator)),
+                    device=features.device,
                 )
                 for _ in range(2)
             )

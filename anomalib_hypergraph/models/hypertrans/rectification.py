@@ -1,32 +1,36 @@
 """Hypergraph domain rectification (HDR) of HyperTrans, Eq. 8-11.
 
-The source bank and the target shots become the vertices of one soft hypergraph (one hyperedge per vertex: the vertex
-and its K nearest vertices, incidence = similarity). A residual hypergraph network (Res-HGNN, Eq. 9) is trained so that
-every vertex moves towards its most correlated vertex of the *other* domain (pseudo features, Eq. 10) while staying
-close to itself (Eq. 11). Query patches are rectified inductively: each gets one new hyperedge to its K nearest bank
-vertices, so inference never rebuilds the bank hypergraph and stays linear in the bank size.
+The target shots and the source bank become the vertices of one soft hypergraph: one hyperedge per vertex, holding its
+K nearest vertices (itself included), incidence = similarity through the shared scale-free kernel. A residual
+hypergraph network (Res-HGNN, Eq. 9) is trained so that every vertex moves towards its most correlated vertex of the
+*other* domain (pseudo features, Eq. 10) while staying close to itself (Eq. 11).
+
+One operator for bank and queries: every vertex is rectified as a vertex attached to the bank hypergraph by its own
+hyperedge (:mod:`anomalib_hypergraph.hypergraph.inductive`). Training applies it to the bank vertices, the stored
+rectified banks are its output on the bank vertices, and a query patch goes through exactly the same function, so a
+query identical to a bank vertex is mapped exactly onto that vertex's stored feature. Inference stays linear in the
+bank size and never rebuilds the bank hypergraph.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from anomalib_hypergraph.hypergraph import HypergraphConv, SoftHypergraph, chunked_knn
+from anomalib_hypergraph.hypergraph import AttachedHyperedges, HypergraphConv, SoftHypergraph, chunked_knn
 
 
 class ResHGNN(nn.Module):
     """Residual hypergraph network of Eq. 9: ``R(F) = alpha * c1(dropout(sigmoid(c2(F)))) + (1 - alpha) * F``.
 
-    ``c1`` and ``c2`` are hypergraph convolutions (Eq. 8) ``L X Theta + b`` with
-    ``L = D_v^-1/2 H W D_e^-1 H^T D_v^-1/2`` on the soft incidence. Eq. 8 wraps the convolution in an activation
-    sigma; we read Eq. 9 as spelling those activations out: sigma is the sigmoid written in Eq. 9 for ``c2`` and the
-    identity for ``c1``, so the residual branch can produce features of any sign and scale, like the backbone
-    features it is added to.
+    ``c1`` and ``c2`` are hypergraph convolutions (Eq. 8) evaluated on attached hyperedges (see the module docstring).
+    Eq. 8 wraps the convolution in an activation sigma; we read Eq. 9 as spelling those activations out: sigma is the
+    sigmoid written in Eq. 9 for ``c2`` and the identity for ``c1``, so the residual branch can produce features of any
+    sign and scale, like the backbone features it is added to.
 
     Args:
         channels: feature channels C (both convolutions map C -> C).
@@ -48,63 +52,34 @@ class ResHGNN(nn.Module):
         self.c1 = HypergraphConv(channels, channels)
         self.dropout = nn.Dropout(dropout)
 
-    def _hidden(self, features: torch.Tensor, hypergraph: SoftHypergraph) -> torch.Tensor:
-        """sigmoid(c2(F)): the hidden representation before dropout."""
-        return torch.sigmoid(self.c2(features, hypergraph))  # Eq. 8 (c2, sigma = sigmoid of Eq. 9)
-
-    def forward(self, features: torch.Tensor, hypergraph: SoftHypergraph) -> torch.Tensor:
-        """Rectify all vertices ``(N, C)`` of ``hypergraph`` (transductive, used in training and for the banks)."""
-        hidden = self.dropout(self._hidden(features, hypergraph))
-        return self.alpha * self.c1(hidden, hypergraph) + (1 - self.alpha) * features  # Eq. 9
-
-    def bank_hidden(self, bank_features: torch.Tensor, hypergraph: SoftHypergraph) -> torch.Tensor:
-        """Bank side of the second convolution at inference: sigmoid(c2(F_bank)) without dropout (eval semantics).
-
-        Cache it (with the bank vertex degrees) after training; :meth:`forward_queries` needs it as ``bank_hidden``.
-        """
-        return self._hidden(bank_features, hypergraph)
-
-    def forward_queries(  # noqa: PLR0917 - positional like HypergraphConv.forward_queries
-        self,
-        query: torch.Tensor,
-        bank_features: torch.Tensor,
-        bank_hidden: torch.Tensor,
-        bank_vertex_degree: torch.Tensor,
-        neighbour_index: torch.Tensor,
-        neighbour_incidence: torch.Tensor,
+    def hidden(
+        self, x: torch.Tensor, hyperedges: AttachedHyperedges, bank_features: Sequence[torch.Tensor]
     ) -> torch.Tensor:
-        """Rectify query patches ``(Q, C)`` inductively (Eq. 9 on the bank hypergraph extended by the queries).
+        """sigmoid(c2(x)) of attached vertices, before dropout: the input of ``c1``."""
+        return torch.sigmoid(self.c2.forward_attached(x, hyperedges, bank_features))  # Eq. 8 (c2), sigma of Eq. 9
 
-        Each query vertex gets one new hyperedge: itself (incidence 1) and its K bank neighbours ``neighbour_index``
-        ``(Q, K)`` with incidence ``neighbour_incidence`` ``(Q, K)``; the bank's vertex degrees stay as trained
-        (``bank_vertex_degree`` ``(N,)``), so queries do not influence each other or the bank.
+    def forward(
+        self,
+        x: torch.Tensor,
+        hyperedges: AttachedHyperedges,
+        bank_features: Sequence[torch.Tensor],
+        bank_hidden: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """Rectify attached vertices ``(Q, C)`` whose bank members have ``bank_features`` / ``bank_hidden`` per part."""
+        hidden = self.dropout(self.hidden(x, hyperedges, bank_features))
+        return self.alpha * self.c1.forward_attached(hidden, hyperedges, bank_hidden) + (1 - self.alpha) * x  # Eq. 9
 
-        Args:
-            query: query patch features ``(Q, C)``.
-            bank_features: bank vertex features ``(N, C)`` (input of ``c2``).
-            bank_hidden: :meth:`bank_hidden` of the bank ``(N, C)`` (input of ``c1``).
-            bank_vertex_degree: weighted vertex degrees of the bank hypergraph ``(N,)``.
-            neighbour_index: indices of each query's K nearest bank vertices ``(Q, K)``.
-            neighbour_incidence: their incidence values in (0, 1] ``(Q, K)``.
+    def rectify_bank(self, bank: torch.Tensor, hyperedges: AttachedHyperedges) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rectify every bank vertex as a vertex attached by its own hyperedge (``hyperedges`` over ``bank``).
 
         Returns:
-            Rectified query features ``(Q, C)``.
+            ``(R(bank), hidden)``: the rectified bank and sigmoid(c2(bank)) (dropout applied in training mode), the
+            hidden states a query's ``c1`` reads at its bank members.
 
         """
-        if bank_hidden.shape != bank_features.shape:
-            msg = (
-                f"bank_hidden {tuple(bank_hidden.shape)} must match bank_features {tuple(bank_features.shape)}; "
-                "compute it with ResHGNN.bank_hidden on the same bank."
-            )
-            raise ValueError(msg)
-        hidden = torch.sigmoid(  # Eq. 8 (c2, sigma = sigmoid of Eq. 9)
-            self.c2.forward_queries(query, bank_features, bank_vertex_degree, neighbour_index, neighbour_incidence)
-        )
-        hidden = self.dropout(hidden)
-        smoothed = self.c1.forward_queries(
-            hidden, bank_hidden, bank_vertex_degree, neighbour_index, neighbour_incidence
-        )
-        return self.alpha * smoothed + (1 - self.alpha) * query  # Eq. 9
+        hidden = self.dropout(self.hidden(bank, hyperedges, [bank]))
+        rectified = self.alpha * self.c1.forward_attached(hidden, hyperedges, [hidden]) + (1 - self.alpha) * bank
+        return rectified, hidden  # Eq. 9 on every bank vertex
 
 
 @dataclass
@@ -114,8 +89,8 @@ class PseudoFeatures:
     Attributes:
         features: S(F), the feature of each vertex's chosen partner ``(N, C)``.
         index: the chosen partner vertex of each vertex ``(N,)``; always of the other domain.
-        used_fallback: ``True`` where no hyperedge of the vertex holds a vertex of the other domain and the partner is
-            its nearest vertex of the other domain instead ``(N,)``.
+        used_fallback: ``True`` where no hyperedge holds the vertex together with an other-domain centre, and the
+            partner is its nearest vertex of the other domain instead ``(N,)``.
 
     """
 
@@ -124,94 +99,41 @@ class PseudoFeatures:
     used_fallback: torch.Tensor
 
 
-def _cross_domain_pairs(
-    domain: torch.Tensor, hypergraph: SoftHypergraph, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All (i, j, H[i,e] w_e H[j,e]) with i, j in a common hyperedge e and domain(i) != domain(j).
-
-    Hyperedges are laid out as a padded member table (edges x largest edge size) and processed ``chunk_size`` edges at
-    a time, so memory is O(chunk_size * size^2) and the total work is linear in the number of edges for kNN hyperedges.
-    """
-    num_edges = hypergraph.num_edges
-    edge_index = hypergraph.edge_index.long()
-    vertex_index = hypergraph.vertex_index.long()
-    weighted = hypergraph.incidence * hypergraph.edge_weight[edge_index].to(hypergraph.incidence.dtype)
-    order = torch.argsort(edge_index, stable=True)
-    sizes = torch.bincount(edge_index, minlength=num_edges)
-    starts = torch.cumsum(sizes, 0) - sizes
-    slot = torch.arange(edge_index.numel(), device=edge_index.device) - starts[edge_index[order]]
-    largest = int(sizes.max()) if num_edges else 0
-    members = torch.full((num_edges, largest), -1, dtype=torch.long, device=edge_index.device)
-    members[edge_index[order], slot] = vertex_index[order]
-    member_incidence = torch.zeros((num_edges, largest), dtype=hypergraph.incidence.dtype, device=edge_index.device)
-    member_incidence[edge_index[order], slot] = hypergraph.incidence[order]
-    member_weighted = torch.zeros_like(member_incidence)
-    member_weighted[edge_index[order], slot] = weighted[order]
-
-    rows, partners, scores = [], [], []
-    for start in range(0, num_edges, chunk_size):
-        vertices = members[start : start + chunk_size]
-        present = vertices >= 0
-        vertex_domain = domain[vertices.clamp_min(0)]
-        pair_score = (
-            member_weighted[start : start + chunk_size, :, None] * member_incidence[start : start + chunk_size, None, :]
-        )
-        cross = present[:, :, None] & present[:, None, :] & (vertex_domain[:, :, None] != vertex_domain[:, None, :])
-        chunk_rows, first, second = torch.nonzero(cross, as_tuple=True)
-        rows.append(vertices[chunk_rows, first])
-        partners.append(vertices[chunk_rows, second])
-        scores.append(pair_score[chunk_rows, first, second])
-    if not rows:
-        empty = edge_index.new_empty(0)
-        return empty, empty, hypergraph.incidence.new_empty(0)
-    return torch.cat(rows), torch.cat(partners), torch.cat(scores)
-
-
 def pseudo_features(
-    features: torch.Tensor,
-    domain: torch.Tensor,
-    hypergraph: SoftHypergraph,
-    chunk_size: int = 2048,
-    correlation: Literal["max", "sum"] = "max",
+    features: torch.Tensor, domain: torch.Tensor, hypergraph: SoftHypergraph, chunk_size: int = 2048
 ) -> PseudoFeatures:
-    """Pseudo features S(F) of Eq. 10: each vertex's most correlated vertex of the other domain within its hyperedges.
+    r"""Pseudo features S(F) of Eq. 10: per vertex, the row arg-max of the cross-domain incidence :math:`H^c`.
 
-    The incidence with same-domain connections zeroed is searched row by row for the best cross-domain partner. The
-    correlation of vertices i and j (our definition; the paper gives only the arg-max) is, over the hyperedges e that
-    contain both, ``H[i,e] * w_e * H[j,e]``:
-
-    - ``"max"`` (default): the largest such product, i.e. the partner seen with the highest joint incidence in any
-      single shared hyperedge;
-    - ``"sum"``: their sum, the (i, j) entry of ``H W H^T``, which also rewards partners sharing many hyperedges.
-
-    Ties go to the smallest vertex index. A vertex none of whose hyperedges holds a vertex of the other domain falls
-    back to its nearest vertex of the other domain (exact Euclidean, chunked); ``used_fallback`` marks those vertices.
-    Everything is sparse: the work is linear in the number of incidence entries (times the hyperedge size).
+    :math:`H^c` is the incidence with same-domain connections zeroed: :math:`H^c[i, e_j] = H[i, e_j]` when the centre j
+    of hyperedge :math:`e_j` is of the other domain than vertex i, else 0. The partner of i is the centre of the row's
+    arg-max hyperedge, i.e. the other-domain vertex j whose hyperedge holds i with the largest incidence (its nearest
+    other-domain "neighbour of". Ties go to the smallest index). A vertex whose row of :math:`H^c` is empty (no
+    other-domain vertex counts it among its K nearest) falls back to its nearest vertex of the other domain (exact,
+    chunked); ``used_fallback`` marks those vertices. Sparse: linear in the number of incidence entries.
 
     Args:
         features: vertex features ``(N, C)``.
         domain: domain of each vertex ``(N,)``: 0 / ``False`` for source, 1 / ``True`` for target.
-        hypergraph: the soft hypergraph over these N vertices.
-        chunk_size: hyperedges (and fallback queries) processed per block.
-        correlation: ``"max"`` or ``"sum"`` over shared hyperedges, see above.
+        hypergraph: the hypergraph over these N vertices with one hyperedge per vertex (hyperedge j centred on vertex j).
+        chunk_size: fallback queries processed per block.
 
     Returns:
-        :class:`PseudoFeatures` with the partner features (detached: they are a fixed training target), partner
-        indices and the fallback mask.
+        :class:`PseudoFeatures` with the partner features (detached: a fixed training target), partner indices and the
+        fallback mask.
 
     """
+    num_vertices = features.shape[0]
     if features.ndim != 2:
         msg = f"pseudo_features expects features of shape (N, C), got {tuple(features.shape)}."
         raise ValueError(msg)
-    num_vertices = features.shape[0]
     if domain.shape != (num_vertices,):
         msg = f"pseudo_features expects domain of shape ({num_vertices},) matching features, got {tuple(domain.shape)}."
         raise ValueError(msg)
-    if hypergraph.num_vertices != num_vertices:
-        msg = f"The hypergraph has {hypergraph.num_vertices} vertices but features has {num_vertices} rows."
-        raise ValueError(msg)
-    if correlation not in ("max", "sum"):
-        msg = f"correlation must be 'max' or 'sum', got {correlation!r}."
+    if hypergraph.num_vertices != num_vertices or hypergraph.num_edges != num_vertices:
+        msg = (
+            f"pseudo_features needs one hyperedge per vertex over the {num_vertices} vertices, got a hypergraph with "
+            f"{hypergraph.num_vertices} vertices and {hypergraph.num_edges} hyperedges."
+        )
         raise ValueError(msg)
     domain = domain.to(device=features.device, dtype=torch.long)
     if bool(((domain != 0) & (domain != 1)).any()):
@@ -226,16 +148,15 @@ def pseudo_features(
         raise ValueError(msg)
 
     with torch.no_grad():
-        rows, partners, scores = _cross_domain_pairs(domain, hypergraph, chunk_size)
-        if correlation == "sum" and rows.numel():
-            keys, inverse = torch.unique(rows * num_vertices + partners, return_inverse=True)
-            scores = torch.zeros(keys.shape[0], dtype=scores.dtype, device=scores.device).index_add_(0, inverse, scores)
-            rows, partners = keys // num_vertices, keys % num_vertices
-        best_score = torch.full((num_vertices,), -torch.inf, dtype=features.dtype, device=features.device)
-        best_score = best_score.scatter_reduce(0, rows, scores.to(features.dtype), reduce="amax")
-        is_best = scores.to(features.dtype) == best_score[rows]
+        member, centre = hypergraph.vertex_index, hypergraph.edge_index
+        cross = domain[member] != domain[centre]  # the non-zero entries of H^c
+        member, centre = member[cross], centre[cross]
+        incidence = hypergraph.incidence[cross].to(features.dtype)
+        best = torch.full((num_vertices,), -torch.inf, dtype=features.dtype, device=features.device)
+        best = best.scatter_reduce(0, member, incidence, reduce="amax")
+        is_best = incidence == best[member]
         index = torch.full((num_vertices,), num_vertices, dtype=torch.long, device=features.device)
-        index = index.scatter_reduce(0, rows[is_best], partners[is_best], reduce="amin")  # Eq. 10 (arg-max per row)
+        index = index.scatter_reduce(0, member[is_best], centre[is_best], reduce="amin")  # Eq. 10, row arg-max of H^c
 
         used_fallback = index == num_vertices
         for own_domain in (0, 1):
@@ -257,3 +178,56 @@ def rectification_loss(rectified: torch.Tensor, pseudo: torch.Tensor, features: 
         )
         raise ValueError(msg)
     return F.mse_loss(rectified, pseudo.detach()) + F.mse_loss(rectified, features.detach())  # Eq. 11
+
+
+def train_rectifier(
+    rectifier: ResHGNN,
+    features: torch.Tensor,
+    hyperedges: AttachedHyperedges,
+    pseudo: torch.Tensor,
+    *,
+    iterations: int,
+    lr: float,
+    seed: int,
+    on_iteration: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Stage 2 (Algorithm 1): ``iterations`` full-graph Adam steps of the Res-HGNN on Eq. 11.
+
+    The dropout draws come from a forked RNG seeded with ``seed``, so the result does not depend on the caller's random
+    state and every rank of a data-parallel run computes the same steps on the same (gathered) bank. Gradients are taken
+    with ``torch.autograd.grad``, outside any DDP wrapper.
+
+    Args:
+        rectifier: the network to train (left in eval mode afterwards).
+        features: bank vertices ``(N, C)``.
+        hyperedges: their attached hyperedges over ``features``.
+        pseudo: pseudo features S(F) ``(N, C)`` (Eq. 10).
+        iterations: epochsR (paper: 100).
+        lr: Adam learning rate.
+        seed: seed of the dropout draws.
+        on_iteration: called with ``(iteration, loss)`` after every step (logging).
+
+    Returns:
+        The loss of every iteration.
+
+    """
+    rectifier.requires_grad_(True)  # a Lightning module may keep it frozen outside stage 2 (DDP, see its setup)
+    parameters = list(rectifier.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    losses: list[float] = []
+    rectifier.train()
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)
+        for iteration in range(iterations):
+            rectified, _ = rectifier.rectify_bank(features, hyperedges)  # Eq. 9
+            loss = rectification_loss(rectified, pseudo, features)  # Eq. 11
+            gradients = torch.autograd.grad(loss, parameters)
+            for parameter, gradient in zip(parameters, gradients, strict=True):
+                parameter.grad = gradient
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if on_iteration is not None:
+                on_iteration(iteration, losses[-1])
+    rectifier.eval()
+    return losses

@@ -7,20 +7,27 @@ The model of Algorithm 1 in the HyperTrans paper, as one ``nn.Module``:
 - a memory of patch features per domain: the source bank (greedy coreset of the source training images) and the
   target bank (all patches of the k target shots), both through the adapted backbone;
 - hypergraph domain rectification (HDR, Eq. 8-11; :mod:`.rectification`): a residual HGNN trained on the cross-domain
-  hypergraph over both banks; the banks are stored rectified, and a query's patches are rectified inductively by
-  attaching one hyperedge per patch to its nearest bank vertices, so inference is linear in the bank size;
+  hypergraph over both banks. Bank vertices and query patches are rectified by one and the same operator (each vertex
+  attached to the bank hypergraph by its own hyperedge), so inference is linear in the bank size and a query equal to
+  a bank vertex lands exactly on that vertex's stored feature;
 - cross-domain scoring (CDS, Eq. 12-19; :mod:`.scoring`) of the rectified query patches on the source and target
   sub-hypergraphs.
 
-Training is driven from outside (the Lightning module, or any loop): :meth:`perturbation_loss` for stage 1, the
-memory bank for the banks, :meth:`prepare_rectification` / :meth:`rectification_loss` for stage 2 and
-:meth:`store_rectified_banks` at the end. In eval mode :meth:`forward` returns an :class:`InferenceBatch`.
+The training stages live here, so that the Lightning module only wires data and hooks and the benchmarks run the very
+same code: :meth:`HyperTransModel.perturbation_step` / :meth:`~HyperTransModel.train_perturbation` (stage 1) and
+:meth:`~HyperTransModel.fit_banks` (bank hypergraph, Eq. 10 pseudo features, stage 2, stored banks). In eval mode
+:meth:`~HyperTransModel.forward` returns an :class:`InferenceBatch`.
+
+One search per query. Each domain's raw bank is searched once for the K nearest rows of every query patch. Their
+union holds the query's K nearest bank vertices overall (its hyperedge for rectification), and the same candidates,
+compared again after rectification, give each domain's best match for scoring (re-ranking: the rectified nearest
+vertex is taken among the K raw nearest of that domain).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,27 +38,43 @@ from torch import nn
 
 from anomalib_hypergraph.backbones import PatchFeatureExtractor
 from anomalib_hypergraph.data.domains import SOURCE, TARGET
-from anomalib_hypergraph.hypergraph import HypergraphMemoryBank, SoftHypergraph, chunked_knn, incidence_from_distance
+from anomalib_hypergraph.hypergraph import (
+    AttachedHyperedges,
+    HypergraphMemoryBank,
+    IncidenceKernel,
+    bank_hypergraph,
+    chunked_knn,
+)
 
 from .perturbation import DomainPerturbation, perturbation_loss
-from .rectification import ResHGNN, pseudo_features, rectification_loss
-from .scoring import CrossDomainScorer
+from .rectification import ResHGNN, pseudo_features, train_rectifier
+from .scoring import CrossDomainScorer, DomainWeighting
 
 logger = logging.getLogger(__name__)
 
+DOMAINS = (TARGET, SOURCE)  # vertex order of the cross-domain hypergraph: target rows first
+
 
 @dataclass
-class RectificationProblem:
-    """Everything stage 2 (HDR) optimises over: the cross-domain hypergraph of both banks and its fixed targets.
+class BankReport:
+    """What :meth:`HyperTransModel.fit_banks` did, for logs and benchmark tables.
 
-    Vertices are ordered target bank first, then source bank; ``domain`` is 1 for target and 0 for source vertices.
+    Attributes:
+        target_rows: rows of the target bank.
+        source_rows: rows of the source bank (0 without a source domain).
+        kernel_scale: the fitted kernel scale (mean bank k-NN distance).
+        source_weight: the weight of the source sub-hypergraph in Eq. 18-19 actually used.
+        fallback_share: share of vertices whose pseudo feature (Eq. 10) came from the fallback (NaN without HDR).
+        losses: stage-2 loss per iteration (empty without HDR).
+
     """
 
-    hypergraph: SoftHypergraph
-    features: torch.Tensor
-    domain: torch.Tensor
-    pseudo: torch.Tensor
-    num_fallback: int
+    target_rows: int
+    source_rows: int
+    kernel_scale: float
+    source_weight: float
+    fallback_share: float
+    losses: list[float]
 
 
 class HyperTransModel(DynamicBufferMixin, nn.Module):
@@ -70,19 +93,19 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         noise_mean: mean of the Perlin channel factors P_avg, P_std (paper: 0).
         noise_std: standard deviation of the Perlin channel factors (paper: 0.75).
         adapter_reduction: bottleneck reduction of the residual adapters (our choice; the paper only says adapter).
-        num_neighbors: K, the nearest vertices joined to each vertex's hyperedge (our choice: 10).
-        incidence_kernel: how a distance becomes an incidence value in [0, 1]: ``"reciprocal"`` 1/(1+d) or
-            ``"gaussian"`` exp(-d^2 / 2 s^2).
-        incidence_bandwidth: s of the Gaussian kernel, in feature-distance units; required with ``"gaussian"`` (one
-            fixed width for bank, queries and scoring, so scores do not depend on the batch), unused otherwise.
+        num_neighbors: K, the bank vertices in each vertex's hyperedge (our choice: 10; a bank vertex counts itself).
+        incidence_kernel: how a distance becomes an incidence value in (0, 1]: ``"reciprocal"`` 1/(1+d/s) or
+            ``"gaussian"`` exp(-(d/s)^2/2), with s the bank's mean k-NN distance (scale-free, fitted with the banks).
         alpha: residual weight of the HGNN branch in Eq. 9 (paper: 0.3).
         dropout: dropout inside the residual HGNN (paper: 0.5).
         beta: weight of the source sub-hypergraph in Eq. 18-19 (paper: 0.6).
+        domain_weighting: how beta is applied, see :class:`~.scoring.CrossDomainScorer`.
         sigma: Gaussian smoothing of the upsampled anomaly map (paper: 4).
         chunk_size: rows per block in every distance computation (memory vs speed).
         use_domain_perturbation: ablation switch for DP (adapters are then absent).
         use_rectification: ablation switch for HDR (banks and queries are then used as extracted).
         use_cross_domain_scoring: ablation switch for CDS (off: one nearest-neighbour bank, the union of both).
+        seed: seed of the adapters' and the HGNN's initialisation and of the Perlin draws (private generators).
 
     """
 
@@ -100,17 +123,21 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         adapter_reduction: int = 4,
         num_neighbors: int = 10,
         incidence_kernel: str = "reciprocal",
-        incidence_bandwidth: float | None = None,
         alpha: float = 0.3,
         dropout: float = 0.5,
         beta: float = 0.6,
+        domain_weighting: DomainWeighting = "evidence",
         sigma: float = 4.0,
         chunk_size: int = 2048,
         use_domain_perturbation: bool = True,
         use_rectification: bool = True,
         use_cross_domain_scoring: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int) or num_neighbors < 2:
+            msg = f"num_neighbors must be an int >= 2 (a bank vertex's hyperedge holds itself), got {num_neighbors!r}."
+            raise ValueError(msg)
         self.feature_extractor = PatchFeatureExtractor(
             backbone,
             layers,
@@ -119,9 +146,8 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             model_kwargs=model_kwargs,
         )
         self.num_neighbors = num_neighbors
-        self.incidence_kernel = incidence_kernel
-        self.incidence_bandwidth = incidence_bandwidth
         self.chunk_size = chunk_size
+        self.seed = seed
 
         self.perturbation: DomainPerturbation | None = None
         if use_domain_perturbation:
@@ -138,33 +164,41 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
                 noise_mean=noise_mean,
                 noise_std=noise_std,
                 adapter_reduction=adapter_reduction,
+                seed=seed,
             )
-        feature_dim = self.feature_extractor.feature_dim
-        self.rectifier = ResHGNN(feature_dim, alpha=alpha, dropout=dropout) if use_rectification else None
+        self.rectifier: ResHGNN | None = None
+        if use_rectification:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.rectifier = ResHGNN(self.feature_extractor.feature_dim, alpha=alpha, dropout=dropout)
+        self.kernel = IncidenceKernel(incidence_kernel)
         self.scorer = CrossDomainScorer(
             beta=beta,
-            kernel=incidence_kernel,
-            bandwidth=incidence_bandwidth,
+            domain_weighting=domain_weighting,
             sigma=sigma,
-            chunk_size=chunk_size,
             enabled_cross_domain=use_cross_domain_scoring,
         )
         self.memory_bank = HypergraphMemoryBank(domains=(SOURCE, TARGET))
 
-        # What inference needs after training; persistent so that checkpoints reproduce test scores exactly.
-        self.register_buffer("rectified_source", torch.empty(0, 0))
-        self.register_buffer("rectified_target", torch.empty(0, 0))
-        self.register_buffer("rectifier_bank_hidden", torch.empty(0, 0))
-        self.register_buffer("rectifier_bank_degree", torch.empty(0))
+        # What inference needs after training, per domain; persistent so that checkpoints reproduce test scores.
+        for domain in DOMAINS:
+            self.register_buffer(f"rectified_{domain}", torch.empty(0, 0))
+            self.register_buffer(f"hidden_{domain}", torch.empty(0, 0))
+            self.register_buffer(f"degree_{domain}", torch.empty(0))
         self.rectified_source: torch.Tensor
         self.rectified_target: torch.Tensor
-        self.rectifier_bank_hidden: torch.Tensor
-        self.rectifier_bank_degree: torch.Tensor
 
     @property
     def is_fitted(self) -> bool:
         """Whether the banks are built; a shape check, so that ``torch.export`` (ONNX) sees no data-dependent branch."""
         return self.rectified_target.shape[0] > 0
+
+    def _domain_buffer(self, kind: str, domain: str) -> torch.Tensor:
+        return getattr(self, f"{kind}_{domain}")
+
+    def fitted_domains(self) -> list[str]:
+        """Domains with a stored bank, in hypergraph vertex order (target first)."""
+        return [domain for domain in DOMAINS if self._domain_buffer("rectified", domain).shape[0] > 0]
 
     # ----------------------------------------------------------------------------------------------- features
     def extract(self, images: torch.Tensor, *, perturb: bool = False) -> torch.Tensor:
@@ -173,6 +207,11 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             return self.feature_extractor(images)
         return self.feature_extractor(images, stage_hook=self.perturbation.stage_hook(perturb=perturb, adapt=True))
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Bank-ready patch descriptors (B*h*w, C) of images through the adapted, unperturbed backbone."""
+        return flatten_patches(self.extract(images))
+
+    # ------------------------------------------------------------------------------------------------ stage 1
     def perturbation_loss(self, images: torch.Tensor) -> torch.Tensor:
         """Stage 1 objective (Eq. 7): clean frozen-backbone features vs perturbed features through the adapters."""
         if self.perturbation is None:
@@ -183,95 +222,145 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         perturbed = self.extract(images, perturb=True)
         return perturbation_loss(clean, perturbed)  # Eq. 7
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Bank-ready patch descriptors (B*h*w, C) of images through the adapted, unperturbed backbone."""
-        return flatten_patches(self.extract(images))
+    def perturbation_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """Adam over the adapters, the only parameters stage 1 trains (the paper gives no optimiser: our choice)."""
+        if self.perturbation is None:
+            msg = "Domain perturbation is disabled (use_domain_perturbation=False): there is nothing to optimise."
+            raise RuntimeError(msg)
+        return torch.optim.Adam(self.perturbation.parameters(), lr=lr)
 
-    # ---------------------------------------------------------------------------------------- rectification
+    def perturbation_step(
+        self,
+        images: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        backward: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """One stage-1 step on a batch of images: Eq. 7, backward, adapter update. Returns the (detached) loss.
+
+        Args:
+            images: pre-processed images (B, 3, H, W).
+            optimizer: from :meth:`perturbation_optimizer`.
+            backward: how to back-propagate (Lightning passes ``manual_backward``); default ``loss.backward()``.
+
+        """
+        optimizer.zero_grad()
+        loss = self.perturbation_loss(images)  # Eq. 7
+        (backward or torch.Tensor.backward)(loss)
+        optimizer.step()
+        return loss.detach()
+
+    def train_perturbation(
+        self, batches: Callable[[], Iterable[torch.Tensor]], *, epochs: int, lr: float
+    ) -> list[float]:
+        """Stage 1 over ``epochs`` passes of ``batches()`` (a fresh iterable of image batches per epoch).
+
+        The same :meth:`perturbation_step` the Lightning module calls once per training batch. Returns the losses.
+        """
+        optimizer = self.perturbation_optimizer(lr)
+        was_training = self.training
+        self.train()
+        losses = [float(self.perturbation_step(images, optimizer)) for _ in range(epochs) for images in batches()]
+        self.train(was_training)
+        return losses
+
+    # ---------------------------------------------------------------------------------------- banks, stage 2
     @property
-    def rectification_enabled(self) -> bool:
+    def rectification_possible(self) -> bool:
         """Whether HDR can run: switched on and both domains have a bank."""
         return self.rectifier is not None and self.memory_bank.has(SOURCE) and self.memory_bank.has(TARGET)
 
-    def bank_vertices(self) -> torch.Tensor:
-        """Vertices of the cross-domain hypergraph: target bank rows first, then source bank rows."""
-        parts = [self.memory_bank.get(TARGET)]
-        if self.memory_bank.has(SOURCE):
-            parts.append(self.memory_bank.get(SOURCE))
-        return torch.cat(parts)
+    def fit_banks(
+        self,
+        *,
+        iterations: int,
+        lr: float,
+        on_iteration: Callable[[int, float], None] | None = None,
+    ) -> BankReport:
+        """Build the cross-domain hypergraph of the banks, run stage 2 (HDR) and store what inference needs.
 
-    def prepare_rectification(self) -> RectificationProblem:
-        """Build the cross-domain hypergraph of both banks and the pseudo features it is trained towards (Eq. 10)."""
-        if not self.rectification_enabled:
-            msg = "Rectification needs use_rectification=True and non-empty source and target banks."
+        The memory bank must hold the target bank (and the source bank for two domains). Steps (Algorithm 1): one
+        exact k-NN search over the joined banks (target rows first) gives every vertex's hyperedge; the kernel scale
+        is fitted on those distances; the source weight of Eq. 18-19 is set from how far the target shots lie from the
+        source bank; with HDR, pseudo features (Eq. 10) and ``iterations`` Adam steps on Eq. 11; finally every bank
+        vertex is rectified by the inference operator and stored with its hidden state and degree.
+
+        Args:
+            iterations: stage-2 iterations, epochsR (paper: 100).
+            lr: Adam learning rate of the residual HGNN.
+            on_iteration: called with ``(iteration, loss)`` after every stage-2 step.
+
+        """
+        if not self.memory_bank.has(TARGET):
+            msg = "fit_banks needs a target bank: fill memory_bank's 'target' domain first."
             raise RuntimeError(msg)
-        features = self.bank_vertices()
-        num_target = self.memory_bank.get(TARGET).shape[0]
-        domain = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
-        domain[:num_target] = 1
-        hypergraph = SoftHypergraph.from_knn(
-            features,
-            self.num_neighbors,
-            kernel=self.incidence_kernel,
-            bandwidth=self.incidence_bandwidth,
-            chunk_size=self.chunk_size,
-        )
-        pseudo = pseudo_features(features, domain, hypergraph, chunk_size=self.chunk_size)  # Eq. 10
-        return RectificationProblem(
-            hypergraph=hypergraph,
-            features=features,
-            domain=domain,
-            pseudo=pseudo.features,
-            num_fallback=int(pseudo.used_fallback.sum()),
-        )
+        domains = [domain for domain in DOMAINS if self.memory_bank.has(domain)]
+        banks = [self.memory_bank.get(domain) for domain in domains]
+        features = torch.cat(banks)
+        sizes = [bank.shape[0] for bank in banks]
+        with torch.no_grad():
+            k = min(self.num_neighbors, features.shape[0])
+            distances, neighbours = chunked_knn(features, features, k, chunk_size=self.chunk_size)
+            self.kernel.fit(distances[:, 1:])  # mean distance to the nearest other vertices
+            hypergraph = bank_hypergraph(neighbours, self.kernel(distances))
+            degree = hypergraph.vertex_degree()
+            hyperedges = AttachedHyperedges.from_neighbours([neighbours], [self.kernel(distances)], [degree])
 
-    def rectification_loss(self, problem: RectificationProblem) -> torch.Tensor:
-        """Stage 2 objective (Eq. 11) of the residual HGNN on the bank hypergraph."""
-        assert self.rectifier is not None
-        rectified = self.rectifier(problem.features, problem.hypergraph)  # Eq. 9
-        return rectification_loss(rectified, problem.pseudo, problem.features)  # Eq. 11
+        losses: list[float] = []
+        fallback_share = float("nan")
+        if self.rectification_possible:
+            domain = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
+            domain[: sizes[0]] = 1  # target rows first
+            pseudo = pseudo_features(features, domain, hypergraph, chunk_size=self.chunk_size)  # Eq. 10
+            fallback_share = float(pseudo.used_fallback.float().mean())
+            assert self.rectifier is not None
+            losses = train_rectifier(
+                self.rectifier,
+                features,
+                hyperedges,
+                pseudo.features,
+                iterations=iterations,
+                lr=lr,
+                seed=self.seed,
+                on_iteration=on_iteration,
+            )
+            with torch.no_grad():
+                rectified, hidden = self.rectifier.rectify_bank(features, hyperedges)  # Eq. 9, inference operator
+        else:
+            rectified, hidden = features, features.new_empty(features.shape[0], 0)
+        for domain, part, part_hidden, part_degree in zip(
+            domains, rectified.split(sizes), hidden.split(sizes), degree.split(sizes), strict=True
+        ):
+            setattr(self, f"rectified_{domain}", part.detach().clone())
+            setattr(self, f"hidden_{domain}", part_hidden.detach().clone())
+            setattr(self, f"degree_{domain}", part_degree.detach().clone())
+        for domain in set(DOMAINS) - set(domains):
+            setattr(self, f"rectified_{domain}", features.new_empty(0, 0))
+            setattr(self, f"hidden_{domain}", features.new_empty(0, 0))
+            setattr(self, f"degree_{domain}", features.new_empty(0))
+        self.scorer.fit(self.cross_domain_connectivity())
+        return BankReport(
+            target_rows=sizes[0],
+            source_rows=sizes[1] if len(sizes) > 1 else 0,
+            kernel_scale=float(self.kernel.scale),
+            source_weight=float(self.scorer.source_weight),
+            fallback_share=fallback_share,
+            losses=losses,
+        )
 
     @torch.no_grad()
-    def store_rectified_banks(self, problem: RectificationProblem | None) -> None:
-        """Freeze what inference needs: rectified banks, and the bank side of the inductive query rectification.
+    def cross_domain_connectivity(self) -> float | None:
+        """Share of stored target vertices with a source vertex among their K nearest stored bank vertices.
 
-        Without a problem (HDR off, or a single domain) the banks are stored as extracted.
+        Measured on the stored (rectified) banks, i.e. on the hypergraph that queries meet at inference. None without a
+        source bank. It is the evidence behind the source weight of Eq. 18-19 (see :mod:`.scoring`).
         """
-        source = self.memory_bank.get(SOURCE) if self.memory_bank.has(SOURCE) else None
-        target = self.memory_bank.get(TARGET)
-        if problem is None or self.rectifier is None:
-            self.rectified_target = target.clone()
-            self.rectified_source = source.clone() if source is not None else target.new_empty(0, 0)
-            self.rectifier_bank_hidden = target.new_empty(0, 0)
-            self.rectifier_bank_degree = target.new_empty(0)
-        else:
-            was_training = self.rectifier.training
-            self.rectifier.eval()
-            rectified = self.rectifier(problem.features, problem.hypergraph)  # Eq. 9 on the whole bank
-            self.rectifier.train(was_training)
-            num_target = target.shape[0]
-            self.rectified_target = rectified[:num_target].clone()
-            self.rectified_source = rectified[num_target:].clone()
-            self.rectifier_bank_hidden = self.rectifier.bank_hidden(problem.features, problem.hypergraph)
-            self.rectifier_bank_degree = problem.hypergraph.vertex_degree()
-
-    def rectify_queries(self, patches: torch.Tensor) -> torch.Tensor:
-        """Rectify query patch rows (n, C) inductively: one new hyperedge per patch to its K nearest bank vertices."""
-        if self.rectifier is None or self.rectifier_bank_hidden.numel() == 0:
-            return patches
-        bank = self.bank_vertices()
-        distances, neighbours = chunked_knn(
-            patches, bank, min(self.num_neighbors, bank.shape[0]), chunk_size=self.chunk_size
+        if self.rectified_source.shape[0] == 0:
+            return None
+        joined = torch.cat([self.rectified_target, self.rectified_source])
+        _, neighbours = chunked_knn(
+            self.rectified_target, joined, min(self.num_neighbors, joined.shape[0]), chunk_size=self.chunk_size
         )
-        incidence = incidence_from_distance(distances, kernel=self.incidence_kernel, bandwidth=self.incidence_bandwidth)
-        return self.rectifier.forward_queries(
-            patches,
-            bank,
-            self.rectifier_bank_hidden,
-            self.rectifier_bank_degree,
-            neighbours,
-            incidence,
-        )
+        return float((neighbours >= self.rectified_target.shape[0]).any(dim=1).float().mean())
 
     # -------------------------------------------------------------------------------------------- inference
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
@@ -284,38 +373,67 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
                 "or load a trained checkpoint."
             )
             raise RuntimeError(msg)
-        source = self.rectified_source if self.rectified_source.numel() else None
-        return self.score_against(images, source_bank=source, target_bank=self.rectified_target, rectify=True)
+        return self.score_features(self.extract(images), tuple(images.shape[-2:]))
 
-    def score_against(
-        self,
-        images: torch.Tensor,
-        source_bank: torch.Tensor | None,
-        target_bank: torch.Tensor,
-        *,
-        rectify: bool = False,
-    ) -> InferenceBatch:
-        """Cross-domain scores (Eq. 12-19) of images against given banks; ``rectify`` applies the trained HDR first."""
-        return self.score_features(
-            self.extract(images), source_bank, target_bank, tuple(images.shape[-2:]), rectify=rectify
+    def nearest_distances(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per fitted domain, the distance of every query patch row to its best-matching stored bank vertex.
+
+        One k-NN search per domain bank on the raw (adapted) features; with HDR the query rows are rectified on the
+        union of those candidates (their K nearest bank vertices overall) and each domain's best match is re-ranked
+        among its K raw candidates by the rectified distance.
+        """
+        domains = self.fitted_domains()
+        searches = {
+            domain: chunked_knn(
+                patches,
+                self.memory_bank.get(domain),
+                min(self.num_neighbors, self.memory_bank.get(domain).shape[0]),
+                chunk_size=self.chunk_size,
+            )
+            for domain in domains
+        }
+        if self.rectifier is None or self._domain_buffer("hidden", TARGET).shape[-1] == 0:
+            return {domain: distances[:, 0] for domain, (distances, _) in searches.items()}
+        candidate_distances = torch.cat([searches[domain][0] for domain in domains], dim=1)
+        kth = torch.topk(candidate_distances, self.num_neighbors, dim=1, largest=False).values[:, -1:]
+        incidence = [self.kernel(distances) * (distances <= kth) for distances, _ in searches.values()]
+        hyperedges = AttachedHyperedges.from_neighbours(
+            [index for _, index in searches.values()],
+            incidence,
+            [self._domain_buffer("degree", domain) for domain in domains],
         )
+        rectified = self.rectifier(
+            patches,
+            hyperedges,
+            [self.memory_bank.get(domain) for domain in domains],
+            [self._domain_buffer("hidden", domain) for domain in domains],
+        )  # Eq. 9, query rows
+        return {
+            domain: torch.linalg.vector_norm(
+                rectified[:, None, :] - self._domain_buffer("rectified", domain)[index], dim=-1
+            ).amin(dim=1)
+            for domain, (_, index) in searches.items()
+        }
 
-    def score_features(
-        self,
-        features: torch.Tensor,
-        source_bank: torch.Tensor | None,
-        target_bank: torch.Tensor,
-        image_size: tuple[int, int],
-        *,
-        rectify: bool = False,
-    ) -> InferenceBatch:
-        """Cross-domain scores of already extracted patch features (B, C, h, w), maps at ``image_size``."""
-        batch_size, channels, height, width = features.shape
-        patches = flatten_patches(features)
-        if rectify:
-            patches = self.rectify_queries(patches)
-        query = patches.reshape(batch_size, height, width, channels).permute(0, 3, 1, 2)
-        pred_score, anomaly_map = self.scorer(query, source_bank, target_bank, image_size)
+    def score_against_bank(self, images: torch.Tensor, bank: torch.Tensor) -> InferenceBatch:
+        """Target-only nearest-neighbour scores against a given bank, without rectification.
+
+        For progress checks before the banks are built (validation during stage 1, against the embedded shots).
+        """
+        features = self.extract(images)
+        batch_size, _, height, width = features.shape
+        distances, _ = chunked_knn(flatten_patches(features), bank, 1, chunk_size=self.chunk_size)
+        pred_score, anomaly_map = self.scorer(
+            distances[:, 0].reshape(batch_size, height, width), None, self.kernel, tuple(images.shape[-2:])
+        )
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    def score_features(self, features: torch.Tensor, image_size: tuple[int, int]) -> InferenceBatch:
+        """Cross-domain scores of extracted patch features (B, C, h, w) against the stored banks, maps at image size."""
+        batch_size, _, height, width = features.shape
+        distances = self.nearest_distances(flatten_patches(features))
+        grids = {domain: value.reshape(batch_size, height, width) for domain, value in distances.items()}
+        pred_score, anomaly_map = self.scorer(grids[TARGET], grids.get(SOURCE), self.kernel, image_size)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
 
