@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from anomalib_hypergraph.hypergraph import SoftHypergraph, chunked_knn, incidence_from_distance
+from anomalib_hypergraph.hypergraph import (
+    AttachedHyperedges,
+    IncidenceKernel,
+    SoftHypergraph,
+    bank_hypergraph,
+    chunked_knn,
+)
 from anomalib_hypergraph.models.hypertrans.perturbation import (
     DomainPerturbation,
     ResidualAdapter,
@@ -16,8 +22,13 @@ from anomalib_hypergraph.models.hypertrans.perturbation import (
     perturbation_loss,
     simplified_perturb,
 )
-from anomalib_hypergraph.models.hypertrans.rectification import ResHGNN, pseudo_features, rectification_loss
-from anomalib_hypergraph.models.hypertrans.scoring import CrossDomainScorer, patch_defect_scores
+from anomalib_hypergraph.models.hypertrans.rectification import (
+    ResHGNN,
+    pseudo_features,
+    rectification_loss,
+    train_rectifier,
+)
+from anomalib_hypergraph.models.hypertrans.scoring import CrossDomainScorer
 
 
 def lag_one_correlation(values: torch.Tensor) -> float:
@@ -177,112 +188,110 @@ def test_perturbation_loss_is_zero_for_equal_input_and_decreases_with_training()
 
 
 # ---------------------------------------------------------------------------------------------- rectification (HDR)
-def bank_hypergraph(num_vertices: int = 14, channels: int = 4, k: int = 3, seed: int = 5):
+def bank_setup(num_vertices: int = 14, channels: int = 4, k: int = 3, seed: int = 5):
+    """Bank features, their bank hypergraph (K nearest, self included) and attached hyperedges of the bank vertices."""
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(num_vertices, channels, generator=generator)
-    return features, SoftHypergraph.from_knn(features, k, kernel="reciprocal")
+    distances, neighbours = chunked_knn(features, features, k)
+    hypergraph = bank_hypergraph(neighbours, 1 / (1 + distances))
+    hyperedges = AttachedHyperedges.from_neighbours([neighbours], [1 / (1 + distances)], [hypergraph.vertex_degree()])
+    return features, hypergraph, hyperedges
 
 
 def test_res_hgnn_alpha_zero_is_identity_and_shapes() -> None:
-    features, hypergraph = bank_hypergraph()
+    features, _, hyperedges = bank_setup()
     identity = ResHGNN(4, alpha=0.0).train()
-    assert torch.equal(identity(features, hypergraph), features)
+    assert torch.equal(identity.rectify_bank(features, hyperedges)[0], features)
     rectifier = ResHGNN(4, alpha=0.3)
-    out = rectifier(features, hypergraph)
-    assert out.shape == features.shape
+    out, hidden = rectifier.rectify_bank(features, hyperedges)
+    assert out.shape == hidden.shape == features.shape
     assert not torch.allclose(out, features)
     with pytest.raises(ValueError, match="alpha must be in"):
         ResHGNN(4, alpha=1.5)
 
 
 def test_res_hgnn_dropout_only_in_training() -> None:
-    features, hypergraph = bank_hypergraph()
+    features, _, hyperedges = bank_setup()
     rectifier = ResHGNN(4, alpha=0.5, dropout=0.5)
     torch.manual_seed(6)
     rectifier.train()
-    assert not torch.allclose(rectifier(features, hypergraph), rectifier(features, hypergraph))
-    rectifier.eval()
-    assert torch.equal(rectifier(features, hypergraph), rectifier(features, hypergraph))
-
-
-def dense_query_conv(conv, query_x, bank_x, *, bank_degree, neighbours, incidence) -> torch.Tensor:
-    """Eq. 8 rows for query vertices written out densely: D_v^-1/2 H W D_e^-1 H^T D_v^-1/2 X Theta + b.
-
-    The query vertex lies in its own hyperedge only (degree 1, incidence 1); the hyperedge holds the query and its K
-    bank neighbours with the given incidence; bank degrees are the bank hypergraph's. Theta and b are read off the
-    layer through a hypergraph whose operator is the identity (every vertex alone in its hyperedge).
-    """
-    channels = query_x.shape[1]
-    eye = SoftHypergraph(
-        num_vertices=channels,
-        vertex_index=torch.arange(channels),
-        edge_index=torch.arange(channels),
-        incidence=torch.ones(channels),
-        edge_weight=torch.ones(channels),
+    assert not torch.allclose(
+        rectifier.rectify_bank(features, hyperedges)[0], rectifier.rectify_bank(features, hyperedges)[0]
     )
-    bias = conv(torch.zeros(channels, channels), eye)[0]
-    theta = conv(torch.eye(channels), eye) - bias
+    rectifier.eval()
+    assert torch.equal(rectifier.rectify_bank(features, hyperedges)[0], rectifier.rectify_bank(features, hyperedges)[0])
+
+
+def layer_matrices(conv) -> tuple[torch.Tensor, torch.Tensor]:
+    """Theta and b of a HypergraphConv, read off through attached vertices without neighbours (operator = identity)."""
+    channels = conv.theta.in_features
+    lonely = AttachedHyperedges(
+        index=[torch.zeros(channels, 0, dtype=torch.long)],
+        weight=[torch.zeros(channels, 0)],
+        edge_degree=torch.ones(channels, 1),
+    )
+    bias = conv.forward_attached(torch.zeros(channels, channels), lonely, [torch.zeros(1, channels)])[0]
+    theta = conv.forward_attached(torch.eye(channels), lonely, [torch.zeros(1, channels)]) - bias
+    return theta, bias
+
+
+def dense_attached_conv(conv, x, bank_x, *, bank_degree, neighbours, incidence) -> torch.Tensor:
+    """Eq. 8 rows of attached vertices written out: (x + sum_j H_j D_v(j)^-1/2 x_j) / (1 + sum_j H_j) Theta + b."""
+    theta, bias = layer_matrices(conv)
     rows = []
-    for q in range(query_x.shape[0]):
-        members = torch.cat([query_x[q : q + 1], bank_x[neighbours[q]]]) @ theta
+    for q in range(x.shape[0]):
+        members = torch.cat([x[q : q + 1], bank_x[neighbours[q]]]) @ theta
         h = torch.cat([torch.ones(1), incidence[q]])
         degree = torch.cat([torch.ones(1), bank_degree[neighbours[q]]])
-        edge_degree = h.sum()
-        rows.append((h[:, None] * degree[:, None].rsqrt() * members).sum(0) / edge_degree + bias)
+        rows.append((h[:, None] * degree[:, None].rsqrt() * members).sum(0) / h.sum() + bias)
     return torch.stack(rows)
 
 
-def test_forward_queries_matches_dense_reference() -> None:
-    bank, hypergraph = bank_hypergraph(num_vertices=20, k=4)
+def test_one_operator_for_bank_and_queries_matches_dense_reference() -> None:
+    bank, hypergraph, bank_edges = bank_setup(num_vertices=20, k=4)
     rectifier = ResHGNN(4, alpha=0.3).eval()
     generator = torch.Generator().manual_seed(7)
     query = torch.cat([bank[5:6], torch.randn(3, 4, generator=generator)])  # first query equals bank vertex 5
     distances, neighbours = chunked_knn(query, bank, 4)
-    incidence = incidence_from_distance(distances, kernel="reciprocal")
-    assert neighbours[0, 0] == 5
-    assert incidence[0, 0] == pytest.approx(1.0)
+    incidence = 1 / (1 + distances)
     degree = hypergraph.vertex_degree()
+    hyperedges = AttachedHyperedges.from_neighbours([neighbours], [incidence], [degree])
     with torch.no_grad():
-        bank_hidden = rectifier.bank_hidden(bank, hypergraph)
-        result = rectifier.forward_queries(query, bank, bank_hidden, degree, neighbours, incidence)
+        stored, bank_hidden = rectifier.rectify_bank(bank, bank_edges)
+        result = rectifier(query, hyperedges, [bank], [bank_hidden])
         hidden = torch.sigmoid(
-            dense_query_conv(rectifier.c2, query, bank, bank_degree=degree, neighbours=neighbours, incidence=incidence)
+            dense_attached_conv(
+                rectifier.c2, query, bank, bank_degree=degree, neighbours=neighbours, incidence=incidence
+            )
         )
-        smoothed = dense_query_conv(
+        smoothed = dense_attached_conv(
             rectifier.c1, hidden, bank_hidden, bank_degree=degree, neighbours=neighbours, incidence=incidence
         )
-        expected = 0.3 * smoothed + 0.7 * query
-    assert torch.allclose(result, expected, atol=1e-5)
-    assert torch.allclose(bank_hidden, torch.sigmoid(rectifier.c2(bank, hypergraph)))
+    assert torch.allclose(result, 0.3 * smoothed + 0.7 * query, atol=1e-5)
+    # The query equal to bank vertex 5 is mapped exactly onto vertex 5's stored rectified feature.
+    assert torch.equal(result[0], stored[5])
+    assert not torch.allclose(result[1:], stored[5].expand(3, -1))
 
 
-def dense_incidence(hypergraph: SoftHypergraph) -> torch.Tensor:
-    dense = torch.zeros(hypergraph.num_vertices, hypergraph.num_edges)
-    dense[hypergraph.vertex_index.long(), hypergraph.edge_index.long()] = hypergraph.incidence.float()
-    return dense
-
-
-@pytest.mark.parametrize("correlation", ["max", "sum"])
-def test_pseudo_features_come_from_other_domain_and_match_dense_argmax(correlation: str) -> None:
-    features, hypergraph = bank_hypergraph(num_vertices=16, k=3, seed=8)
+def test_pseudo_features_come_from_other_domain_and_match_dense_row_argmax() -> None:
+    features, hypergraph, _ = bank_setup(num_vertices=16, k=3, seed=8)
     domain = torch.tensor([0, 1] * 8)
-    result = pseudo_features(features, domain, hypergraph, chunk_size=5, correlation=correlation)
+    result = pseudo_features(features, domain, hypergraph, chunk_size=5)
     assert (domain[result.index] != domain).all()
     assert torch.equal(result.features, features[result.index])
 
-    h = dense_incidence(hypergraph)
-    pair = h[:, None, :] * h[None, :, :]  # (i, j, e)
-    scores = pair.amax(dim=2) if correlation == "max" else pair.sum(dim=2)
-    scores[domain[:, None] == domain[None, :]] = 0
-    has_partner = scores.amax(dim=1) > 0
+    h_cross = hypergraph.incidence_dense().clone()  # H[i, e_j]; hyperedge j is centred on vertex j
+    h_cross[domain[:, None] == domain[None, :]] = 0  # H^c: same-domain connections zeroed
+    has_partner = h_cross.amax(dim=1) > 0
+    assert has_partner.any()
     assert torch.equal(result.used_fallback, ~has_partner)
-    assert torch.equal(result.index[has_partner], scores.argmax(dim=1)[has_partner])
+    assert torch.equal(result.index[has_partner], h_cross.argmax(dim=1)[has_partner])  # Eq. 10
 
 
 def test_pseudo_features_fallback_to_nearest_other_domain_vertex() -> None:
-    # Vertices 0-2 source, 3-5 target. Vertex 0 only in {0, 1}; vertices 4 and 5 only share hyperedges with target
-    # vertices: these three must use the nearest vertex of the other domain.
-    edges = [[0, 1], [1, 2, 3], [2, 3], [3, 4], [4, 5], [5, 3]]
+    # Vertices 0-2 source, 3-5 target; hyperedge j is centred on vertex j. Vertex 0 lies only in source hyperedges,
+    # vertices 4 and 5 only in target ones: these three use the nearest vertex of the other domain.
+    edges = [[0, 1], [1, 2], [2, 1], [3, 2], [4, 5], [5, 3]]
     vertex_index = torch.tensor([v for edge in edges for v in edge])
     edge_index = torch.tensor([e for e, edge in enumerate(edges) for _ in edge])
     hypergraph = SoftHypergraph(
@@ -295,17 +304,13 @@ def test_pseudo_features_fallback_to_nearest_other_domain_vertex() -> None:
     features = torch.tensor([[0.0], [1.0], [2.0], [10.0], [0.4], [1.9]])
     domain = torch.tensor([0, 0, 0, 1, 1, 1])
     result = pseudo_features(features, domain, hypergraph)
-    assert result.used_fallback.tolist() == [True, False, False, False, True, True]
+    assert result.used_fallback.tolist() == [True, True, False, True, True, True]
     assert (domain[result.index] != domain).all()
-    assert result.index[0] == 4  # nearest target vertex of vertex 0 (0.4)
-    assert result.index[4] == 0  # nearest source vertex of 0.4 is 0.0
-    assert result.index[5] == 2  # nearest source vertex of 1.9 is 2.0
-    assert result.index[1] == 3
-    assert result.index[3] in (1, 2)
+    assert result.index.tolist() == [4, 4, 3, 2, 0, 2]  # 2 from H^c (it lies in target hyperedge 3); others nearest
 
 
 def test_pseudo_features_rejects_single_domain() -> None:
-    features, hypergraph = bank_hypergraph(num_vertices=6)
+    features, hypergraph, _ = bank_setup(num_vertices=6)
     with pytest.raises(ValueError, match="needs vertices of both domains, got 6 source and 0 target"):
         pseudo_features(features, torch.zeros(6, dtype=torch.bool), hypergraph)
     with pytest.raises(ValueError, match="domain of shape"):
@@ -322,74 +327,73 @@ def test_rectification_loss_formula() -> None:
         rectification_loss(rectified, pseudo[:2], features)
 
 
+def test_train_rectifier_decreases_the_loss_and_is_seeded() -> None:
+    features, hypergraph, hyperedges = bank_setup(num_vertices=24, k=4, seed=11)
+    domain = torch.tensor([0, 1] * 12)
+    pseudo = pseudo_features(features, domain, hypergraph).features
+    torch.manual_seed(0)
+    first, second = ResHGNN(4), ResHGNN(4)
+    second.load_state_dict(first.state_dict())
+    losses = []
+    for rectifier in (first, second):
+        torch.manual_seed(len(losses) + 100)  # another global state per run: the dropout draws must not follow it
+        losses.append(train_rectifier(rectifier, features, hyperedges, pseudo, iterations=10, lr=1e-2, seed=3))
+    assert losses[0] == losses[1]
+    plain = ResHGNN(4, dropout=0.0)
+    plain_losses = train_rectifier(plain, features, hyperedges, pseudo, iterations=30, lr=1e-2, seed=3)
+    assert plain_losses[-1] < plain_losses[0] - 0.01  # the floor is MSE(S, F) / 2, reached at R = (S + F) / 2
+    assert not first.training
+
+
 # ----------------------------------------------------------------------------------------------------- scoring (CDS)
-def scoring_setup(seed: int = 10):
-    generator = torch.Generator().manual_seed(seed)
-    query = torch.randn(2, 3, 4, 4, generator=generator)
-    source = torch.randn(30, 3, generator=generator)
-    target = torch.randn(12, 3, generator=generator) + 1.0
-    return query, source, target
+def test_scorer_defect_is_monotone_and_eq18_mixes_per_domain_maxima() -> None:
+    generator = torch.Generator().manual_seed(10)
+    target = torch.rand(2, 4, 4, generator=generator) * 3
+    source = torch.rand(2, 4, 4, generator=generator) * 3
+    kernel = IncidenceKernel()
+    kernel.fit(torch.tensor([1.5]))
+    scorer = CrossDomainScorer(beta=0.6, domain_weighting="fixed")
+    scorer.fit(connectivity=0.1)
+    assert float(scorer.source_weight) == pytest.approx(0.6)
+    score, patch_map = scorer.patch_maps(target, source, kernel)
+    phi_t, phi_s = (target / 1.5) / (1 + target / 1.5), (source / 1.5) / (1 + source / 1.5)
+    assert torch.allclose(patch_map[:, 0], 0.6 * phi_s + 0.4 * phi_t, atol=1e-6)  # Eq. 19
+    expected = 0.6 * phi_s.amax(dim=(1, 2)) + 0.4 * phi_t.amax(dim=(1, 2))  # Eq. 18: mix of the per-domain maxima
+    assert torch.allclose(score, expected, atol=1e-6)
+    order = torch.argsort(target.flatten())
+    assert (kernel.defect(target.flatten())[order].diff() >= 0).all()
 
 
-def rows_of(query: torch.Tensor) -> torch.Tensor:
-    return query.permute(0, 2, 3, 1).reshape(-1, query.shape[1])
-
-
-def test_patch_score_is_monotone_in_nearest_neighbour_distance_and_zero_on_match() -> None:
-    query, bank, _ = scoring_setup()
-    rows = torch.cat([rows_of(query), bank[3:4]])
-    scores = patch_defect_scores(rows, bank)
-    nn_distance = torch.cdist(rows, bank).amin(dim=1)
-    order = torch.argsort(nn_distance)
-    assert (scores[order].diff() >= 0).all()
-    assert torch.allclose(scores, nn_distance / (1 + nn_distance), atol=1e-5)
-    assert scores[-1] == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match="non-empty bank"):
-        patch_defect_scores(rows, bank[:0])
-    with pytest.raises(ValueError, match="kernel='gaussian' needs an explicit bandwidth"):
-        CrossDomainScorer(kernel="gaussian")
-    gaussian = patch_defect_scores(rows, bank, kernel="gaussian", bandwidth=0.5)
-    assert (gaussian[order].diff() >= 0).all()
-    assert torch.allclose(gaussian, 1 - torch.exp(-(nn_distance**2) / 0.5), atol=1e-5)
-
-
-def test_scorer_beta_one_and_zero_reduce_to_single_domain() -> None:
-    query, source, target = scoring_setup()
-    source_scores = patch_defect_scores(rows_of(query), source).reshape(2, 1, 4, 4)
-    target_scores = patch_defect_scores(rows_of(query), target).reshape(2, 1, 4, 4)
-    for beta, expected in ((1.0, source_scores), (0.0, target_scores)):
-        score, patch_map = CrossDomainScorer(beta=beta).patch_maps(query, source, target)
-        assert torch.allclose(patch_map, expected)
-        assert torch.allclose(score, expected.amax(dim=(1, 2, 3)))
-    score, patch_map = CrossDomainScorer(beta=0.6).patch_maps(query, None, target)
-    assert torch.allclose(patch_map, target_scores)
-    with pytest.raises(ValueError, match="beta=1 scores on the source bank only"):
-        CrossDomainScorer(beta=1.0).patch_maps(query, None, target)
-
-    score, patch_map = CrossDomainScorer(beta=0.6).patch_maps(query, source, target)
-    assert torch.allclose(patch_map, 0.6 * source_scores + 0.4 * target_scores)
-    # Eq. 18 mixes the per-domain maxima, not the maximum of the mixed map.
-    expected_score = 0.6 * source_scores.amax(dim=(1, 2, 3)) + 0.4 * target_scores.amax(dim=(1, 2, 3))
-    assert torch.allclose(score, expected_score)
+def test_evidence_weighting_follows_cross_domain_connectivity() -> None:
+    scorer = CrossDomainScorer(beta=0.6)
+    for connectivity, weight in ((0.0, 0.0), (0.5, 0.3), (1.0, 0.6)):
+        scorer.fit(connectivity)
+        assert float(scorer.source_weight) == pytest.approx(weight)
+    scorer.fit(None)  # no source domain
+    assert float(scorer.source_weight) == 0.0
+    target = torch.rand(1, 3, 3)
+    score, patch_map = scorer.patch_maps(target, None, IncidenceKernel())
+    assert torch.allclose(patch_map[:, 0], IncidenceKernel().defect(target))
+    with pytest.raises(ValueError, match="domain_weighting must be one of"):
+        CrossDomainScorer(domain_weighting="learned")  # type: ignore[arg-type]
 
 
 def test_scorer_forward_map_shape_and_unblurred_image_score() -> None:
-    query, source, target = scoring_setup()
-    query[1, :, 2, 3] = target[4]
-    scorer = CrossDomainScorer(beta=0.0, sigma=1.0)
-    patch_score, patch_map = scorer.patch_maps(query, source, target)
-    assert patch_map[1, 0, 2, 3] == pytest.approx(0.0, abs=1e-6)
-    score, anomaly_map = scorer(query, source, target, (32, 32))
+    target = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(12)) + 0.5
+    target[1, 2, 3] = 0.0
+    scorer = CrossDomainScorer(sigma=1.0)
+    patch_score, patch_map = scorer.patch_maps(target, None, IncidenceKernel())
+    assert patch_map[1, 0, 2, 3] == 0.0
+    score, anomaly_map = scorer(target, None, IncidenceKernel(), (32, 32))
     assert anomaly_map.shape == (2, 1, 32, 32)
     assert torch.equal(score, patch_score)
     assert float(anomaly_map.min()) > 0  # blurred map: the zero patch is smoothed by its neighbours
 
 
-def test_scorer_without_cross_domain_uses_union_bank() -> None:
-    query, source, target = scoring_setup()
-    union_scores = patch_defect_scores(rows_of(query), torch.cat([source, target])).reshape(2, 1, 4, 4)
-    score, patch_map = CrossDomainScorer(enabled_cross_domain=False).patch_maps(query, source, target)
-    assert torch.allclose(patch_map, union_scores)
-    assert torch.allclose(score, union_scores.amax(dim=(1, 2, 3)))
-    _, cross_map = CrossDomainScorer().patch_maps(query, source, target)
-    assert not torch.allclose(cross_map, patch_map)
+def test_scorer_without_cross_domain_uses_the_nearer_bank() -> None:
+    generator = torch.Generator().manual_seed(13)
+    target, source = torch.rand(2, 4, 4, generator=generator), torch.rand(2, 4, 4, generator=generator)
+    kernel = IncidenceKernel()
+    score, patch_map = CrossDomainScorer(enabled_cross_domain=False).patch_maps(target, source, kernel)
+    assert torch.allclose(patch_map[:, 0], kernel.defect(torch.minimum(target, source)))
+    assert torch.allclose(score, patch_map.amax(dim=(1, 2, 3)))

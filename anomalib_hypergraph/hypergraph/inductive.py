@@ -106,6 +106,8 @@ def weighted_gather_sum(values: torch.Tensor, index: torch.Tensor, weight: torch
     Eager mode uses ``embedding_bag`` (a fused gather-multiply-sum, differentiable in ``values`` and ``weight``); while
     ``torch.export`` traces (ONNX) the plain gather is used, which exports everywhere. Both give the same result.
     """
+    if index.shape[1] == 0:  # no member in this part
+        return values.new_zeros(index.shape[0], values.shape[1])
     if torch.compiler.is_exporting():
         return (weight.unsqueeze(-1).to(values.dtype) * values[index]).sum(dim=1)
     return F.embedding_bag(index, values, per_sample_weights=weight.to(values.dtype), mode="sum")
