@@ -201,9 +201,9 @@ def bank_setup(num_vertices: int = 14, channels: int = 4, k: int = 3, seed: int 
 def test_res_hgnn_alpha_zero_is_identity_and_shapes() -> None:
     features, _, hyperedges = bank_setup()
     identity = ResHGNN(4, alpha=0.0).train()
-    assert torch.equal(identity.rectify_bank(features, hyperedges)[0], features)
+    assert torch.equal(identity.rectify_bank([features], hyperedges)[0], features)
     rectifier = ResHGNN(4, alpha=0.3)
-    out, hidden = rectifier.rectify_bank(features, hyperedges)
+    out, hidden = rectifier.rectify_bank([features], hyperedges)
     assert out.shape == hidden.shape == features.shape
     assert not torch.allclose(out, features)
     with pytest.raises(ValueError, match="alpha must be in"):
@@ -216,10 +216,12 @@ def test_res_hgnn_dropout_only_in_training() -> None:
     torch.manual_seed(6)
     rectifier.train()
     assert not torch.allclose(
-        rectifier.rectify_bank(features, hyperedges)[0], rectifier.rectify_bank(features, hyperedges)[0]
+        rectifier.rectify_bank([features], hyperedges)[0], rectifier.rectify_bank([features], hyperedges)[0]
     )
     rectifier.eval()
-    assert torch.equal(rectifier.rectify_bank(features, hyperedges)[0], rectifier.rectify_bank(features, hyperedges)[0])
+    assert torch.equal(
+        rectifier.rectify_bank([features], hyperedges)[0], rectifier.rectify_bank([features], hyperedges)[0]
+    )
 
 
 def layer_matrices(conv) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,7 +259,7 @@ def test_one_operator_for_bank_and_queries_matches_dense_reference() -> None:
     degree = hypergraph.vertex_degree()
     hyperedges = AttachedHyperedges.from_neighbours([neighbours], [incidence], [degree])
     with torch.no_grad():
-        stored, bank_hidden = rectifier.rectify_bank(bank, bank_edges)
+        stored, bank_hidden = rectifier.rectify_bank([bank], bank_edges)
         result = rectifier(query, hyperedges, [bank], [bank_hidden])
         hidden = torch.sigmoid(
             dense_attached_conv(
@@ -337,10 +339,10 @@ def test_train_rectifier_decreases_the_loss_and_is_seeded() -> None:
     losses = []
     for rectifier in (first, second):
         torch.manual_seed(len(losses) + 100)  # another global state per run: the dropout draws must not follow it
-        losses.append(train_rectifier(rectifier, features, hyperedges, pseudo, iterations=10, lr=1e-2, seed=3))
+        losses.append(train_rectifier(rectifier, [features], hyperedges, pseudo, iterations=10, lr=1e-2, seed=3))
     assert losses[0] == losses[1]
     plain = ResHGNN(4, dropout=0.0)
-    plain_losses = train_rectifier(plain, features, hyperedges, pseudo, iterations=30, lr=1e-2, seed=3)
+    plain_losses = train_rectifier(plain, [features], hyperedges, pseudo, iterations=30, lr=1e-2, seed=3)
     assert plain_losses[-1] < plain_losses[0] - 0.01  # the floor is MSE(S, F) / 2, reached at R = (S + F) / 2
     assert not first.training
 

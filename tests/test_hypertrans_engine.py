@@ -100,7 +100,10 @@ def test_banks_hold_all_source_patches_and_the_shot(trained: dict) -> None:
     model: HyperTrans = trained["model"]
     datamodule = trained["datamodule"]
     patches = 8 * 8
-    assert model.model.memory_bank.get("target").shape[0] == 1 * patches  # the cycled shot is stored once
+    views = 8  # the default dihedral shot augmentation: 4 rotations x 2 mirror states
+    assert model.model.memory_bank.get("target").shape[0] == views * patches  # the cycled shot is stored once per view
+    target = model.model.memory_bank.get("target").reshape(views, patches, -1)
+    assert all(not torch.equal(target[0], target[view]) for view in range(1, views))
     num_source = len(datamodule.source_train_data)
     assert model.model.memory_bank.get("source").shape[0] == round(num_source * patches * 0.5)
     assert model.model.rectified_target.shape == model.model.memory_bank.get("target").shape
@@ -204,7 +207,7 @@ def test_single_domain_datamodule_uses_the_shots_as_target(tmp_path: Path, tiny_
     engine.fit(model=model, datamodule=datamodule)
     assert model.model.is_fitted
     assert not model.model.memory_bank.has("source")
-    assert model.model.memory_bank.get("target").shape[0] == 2 * 64
+    assert model.model.memory_bank.get("target").shape[0] == 2 * 8 * 64  # 2 shots x 8 dihedral views
     assert model.model.rectified_source.numel() == 0
 
 

@@ -48,6 +48,7 @@ from .torch_model import HyperTransModel, flatten_patches
 logger = logging.getLogger(__name__)
 
 PATCH_INDEX_BITS = 15
+VIEW_INDEX_BITS = 4
 
 # How HyperTrans's options relate to its checkpoints (see anomalib_hypergraph.models.checkpoints); options not listed
 # change the scores of a loaded model (beta, sigma, kernel, K, alpha, CDS switch) and are warned about.
@@ -80,6 +81,8 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "dropout",
             "chunk_size",
             "seed",
+            "shot_augmentation",  # shapes the banks, which the checkpoint holds
+            "domain_weighting",  # sets the source weight, a buffer the checkpoint holds
         }
     ),
     derived_state_keys=("model.scorer.blur.kernel",),
@@ -112,6 +115,11 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         beta: weight of the source sub-hypergraph, Eq. 18-19 (paper: 0.6).
         domain_weighting: ``"evidence"`` (ours, default): beta times the share of target vertices in a cross-domain
             hyperedge, so a source domain that never meets the target gets no weight; ``"fixed"``: beta (the paper).
+        image_score: psi of Eq. 12-13 / 15-16: ``"top_mean"`` (ours, default) the mean of the highest ``top_fraction`` of
+            an image's patch scores, or ``"max"`` (the paper).
+        top_fraction: share of the patches averaged by ``"top_mean"`` (default 1 %).
+        shot_augmentation: ``"dihedral"`` (ours, default): the target bank also holds the 90-degree rotations and
+            mirror images of every shot; ``"none"``: the shots as they are (the paper).
         sigma: Gaussian smoothing of the anomaly map (paper: 4).
         chunk_size: rows per block in distance computations.
         use_domain_perturbation: ablation switch for DP (Table 3).
@@ -152,6 +160,9 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         dropout: float = 0.5,
         beta: float = 0.6,
         domain_weighting: str = "evidence",
+        image_score: str = "top_mean",
+        top_fraction: float = 0.01,
+        shot_augmentation: str = "dihedral",
         sigma: float = 4.0,
         chunk_size: int = 2048,
         use_domain_perturbation: bool = True,
@@ -201,6 +212,9 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
             dropout=dropout,
             beta=beta,
             domain_weighting=domain_weighting,
+            image_score=image_score,
+            top_fraction=top_fraction,
+            shot_augmentation=shot_augmentation,
             sigma=sigma,
             chunk_size=chunk_size,
             use_domain_perturbation=use_domain_perturbation,
@@ -261,7 +275,7 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         """Before Lightning wraps the model (DDP): hide the residual HGNN from DDP while stage 1 trains the adapters.
 
         DDP's reducer expects a gradient for every trainable parameter in each backward; stage 1's loss (Eq. 7) does
-        not touch the HGNN, which stage 2 trains in lockstep outside DDP (``_train_rectifier`` unfreezes it). Without
+        not touch the HGNN, which stage 2 trains in lockstep outside DDP (``train_rectifier`` unfreezes it). Without
         adapters the HGNN stays trainable, so that DDP still has a parameter to wrap.
         """
         super().setup(stage)
@@ -304,10 +318,12 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
             for domain, domain_batch in ((SOURCE, source), (TARGET, target)):
                 if domain_batch is None:
                     continue
-                features = self.model.extract(domain_batch.image)
-                patches_per_image = features.shape[-2] * features.shape[-1]
-                keys = patch_keys(domain_batch.image_path, patches_per_image, features.device)
-                self.model.memory_bank.add(domain, flatten_patches(features), keys)
+                views = [domain_batch.image] if domain == SOURCE else self.model.shot_views(domain_batch.image)
+                for view_index, view in enumerate(views):
+                    features = self.model.extract(view)
+                    patches_per_image = features.shape[-2] * features.shape[-1]
+                    keys = patch_keys(domain_batch.image_path, patches_per_image, features.device, view=view_index)
+                    self.model.memory_bank.add(domain, flatten_patches(features), keys)
                 self._staged_domains.add(domain)
         # Count the bank step as a training step (Patchcore does so with a dummy loss): no gradients exist, so no
         # weight moves, but the global step advances and the checkpoint of this epoch is not skipped as "already saved".
@@ -400,22 +416,27 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
                 yield images
 
 
-def patch_keys(image_paths: Sequence[str], patches_per_image: int, device: torch.device) -> torch.Tensor:
-    """Stable int64 key per patch: 48 bits of the image path's SHA-1, then the patch index.
+def patch_keys(image_paths: Sequence[str], patches_per_image: int, device: torch.device, view: int = 0) -> torch.Tensor:
+    """Stable int64 key per patch: 44 bits of the image path's SHA-1, the view index (4 bits), the patch index.
 
     Keys let the memory bank drop the duplicates that DDP padding and cycled target loaders produce, and give the bank
-    a row order that does not depend on how images were spread over ranks.
+    a row order that does not depend on how images were spread over ranks. ``view`` tells the augmented views of one
+    target shot apart (see ``HyperTransModel.shot_views``).
     """
     if patches_per_image >= 2**PATCH_INDEX_BITS:
         msg = f"{patches_per_image} patches per image exceed the {2**PATCH_INDEX_BITS} that patch keys can index."
         raise ValueError(msg)
+    if not 0 <= view < 2**VIEW_INDEX_BITS:
+        msg = f"view must be in [0, {2**VIEW_INDEX_BITS}), got {view}."
+        raise ValueError(msg)
     image_keys = torch.tensor(
-        [int(hashlib.sha1(str(path).encode()).hexdigest()[:12], 16) for path in image_paths],
+        [int(hashlib.sha1(str(path).encode()).hexdigest()[:11], 16) for path in image_paths],
         dtype=torch.long,
         device=device,
     )
     patch_index = torch.arange(patches_per_image, dtype=torch.long, device=device)
-    return ((image_keys[:, None] << PATCH_INDEX_BITS) | patch_index[None, :]).reshape(-1)
+    prefix = ((image_keys << VIEW_INDEX_BITS) | view) << PATCH_INDEX_BITS
+    return (prefix[:, None] | patch_index[None, :]).reshape(-1)
 
 
 def seed_shuffling(loaders: object, seed: int) -> None:

@@ -69,16 +69,24 @@ class ResHGNN(nn.Module):
         hidden = self.dropout(self.hidden(x, hyperedges, bank_features))
         return self.alpha * self.c1.forward_attached(hidden, hyperedges, bank_hidden) + (1 - self.alpha) * x  # Eq. 9
 
-    def rectify_bank(self, bank: torch.Tensor, hyperedges: AttachedHyperedges) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rectify every bank vertex as a vertex attached by its own hyperedge (``hyperedges`` over ``bank``).
+    def rectify_bank(
+        self, bank_parts: Sequence[torch.Tensor], hyperedges: AttachedHyperedges
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rectify every bank vertex as a vertex attached by its own hyperedge.
+
+        Args:
+            bank_parts: the bank, one tensor per part (domain), in the order ``hyperedges`` indexes them.
+            hyperedges: the attached hyperedge of every bank vertex (rows in the order of the concatenated parts).
 
         Returns:
-            ``(R(bank), hidden)``: the rectified bank and sigmoid(c2(bank)) (dropout applied in training mode), the
-            hidden states a query's ``c1`` reads at its bank members.
+            ``(R(bank), hidden)`` over the concatenated parts: the rectified bank and sigmoid(c2(bank)) (dropout applied
+            in training mode), the hidden states a query's ``c1`` reads at its bank members.
 
         """
-        hidden = self.dropout(self.hidden(bank, hyperedges, [bank]))
-        rectified = self.alpha * self.c1.forward_attached(hidden, hyperedges, [hidden]) + (1 - self.alpha) * bank
+        bank = torch.cat(list(bank_parts))
+        hidden = self.dropout(self.hidden(bank, hyperedges, bank_parts))
+        hidden_parts = hidden.split([part.shape[0] for part in bank_parts])
+        rectified = self.alpha * self.c1.forward_attached(hidden, hyperedges, hidden_parts) + (1 - self.alpha) * bank
         return rectified, hidden  # Eq. 9 on every bank vertex
 
 
@@ -114,7 +122,7 @@ def pseudo_features(
     Args:
         features: vertex features ``(N, C)``.
         domain: domain of each vertex ``(N,)``: 0 / ``False`` for source, 1 / ``True`` for target.
-        hypergraph: the hypergraph over these N vertices with one hyperedge per vertex (hyperedge j centred on vertex j).
+        hypergraph: the hypergraph over these N vertices, one hyperedge per vertex (hyperedge j centred on vertex j).
         chunk_size: fallback queries processed per block.
 
     Returns:
@@ -182,7 +190,7 @@ def rectification_loss(rectified: torch.Tensor, pseudo: torch.Tensor, features: 
 
 def train_rectifier(
     rectifier: ResHGNN,
-    features: torch.Tensor,
+    bank_parts: Sequence[torch.Tensor],
     hyperedges: AttachedHyperedges,
     pseudo: torch.Tensor,
     *,
@@ -199,8 +207,8 @@ def train_rectifier(
 
     Args:
         rectifier: the network to train (left in eval mode afterwards).
-        features: bank vertices ``(N, C)``.
-        hyperedges: their attached hyperedges over ``features``.
+        bank_parts: the bank vertices, one tensor per part (domain); N rows in all.
+        hyperedges: their attached hyperedges.
         pseudo: pseudo features S(F) ``(N, C)`` (Eq. 10).
         iterations: epochsR (paper: 100).
         lr: Adam learning rate.
@@ -215,11 +223,12 @@ def train_rectifier(
     parameters = list(rectifier.parameters())
     optimizer = torch.optim.Adam(parameters, lr=lr)
     losses: list[float] = []
+    features = torch.cat(list(bank_parts))
     rectifier.train()
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         for iteration in range(iterations):
-            rectified, _ = rectifier.rectify_bank(features, hyperedges)  # Eq. 9
+            rectified, _ = rectifier.rectify_bank(bank_parts, hyperedges)  # Eq. 9
             loss = rectification_loss(rectified, pseudo, features)  # Eq. 11
             gradients = torch.autograd.grad(loss, parameters)
             for parameter, gradient in zip(parameters, gradients, strict=True):

@@ -19,6 +19,7 @@ scoring); domains that are interleaved get the paper's beta. ``"fixed"`` uses be
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import torch
@@ -29,14 +30,17 @@ from torch import nn
 from anomalib_hypergraph.hypergraph import IncidenceKernel
 
 DomainWeighting = Literal["evidence", "fixed"]
+ImageScore = Literal["top_mean", "max"]
 
 
 class CrossDomainScorer(nn.Module):
     """Image scores and anomaly maps from the source and target sub-hypergraphs (Eq. 12-19).
 
     Per query patch, a defect score on the source bank (phi(H^s)) and one on the target bank (phi(H^t)). The image
-    score is ``a = w * psi(H^s) + (1 - w) * psi(H^t)`` with psi the maximum over the image's patches of the un-blurred
-    patch scores (Eq. 18); the map ``S = w * phi(H^s) + (1 - w) * phi(H^t)`` (Eq. 19) is upsampled bilinearly to the
+    score is ``a = w * psi(H^s) + (1 - w) * psi(H^t)`` (Eq. 18) with psi a pooling of the image's un-blurred patch
+    scores: their maximum (``image_score="max"``, the paper's Eq. 12-13 / 15-16) or, our default, the mean of the highest
+    ``top_fraction`` of them (at least one patch; the pooling AnomalyDINO uses for few-shot patch matching), which
+    keeps the score of a clean image from being set by a single noisy patch; the map ``S = w * phi(H^s) + (1 - w) * phi(H^t)`` (Eq. 19) is upsampled bilinearly to the
     image size and smoothed by a Gaussian (as PatchCore does). ``w`` is :attr:`source_weight`: ``beta`` itself
     (``"fixed"``, the paper) or ``beta`` times the cross-domain connectivity of the banks (``"evidence"``, see the
     module docstring), fixed by :meth:`fit` and stored as a persistent buffer. Without a source bank, ``w = 0``.
@@ -44,6 +48,8 @@ class CrossDomainScorer(nn.Module):
     Args:
         beta: weight of the source sub-hypergraph (paper: 0.6).
         domain_weighting: ``"evidence"`` or ``"fixed"``.
+        image_score: ``"top_mean"`` or ``"max"``, see above.
+        top_fraction: share of the patches averaged by ``"top_mean"``, in (0, 1].
         sigma: standard deviation of the Gaussian smoothing of the upsampled map (paper: 4); kernel size
             ``2 * int(4 * sigma + 0.5) + 1``.
         enabled_cross_domain: ablation switch. ``False`` replaces CDS by a plain nearest-neighbour baseline: one bank,
@@ -56,6 +62,8 @@ class CrossDomainScorer(nn.Module):
         beta: float = 0.6,
         *,
         domain_weighting: DomainWeighting = "evidence",
+        image_score: ImageScore = "top_mean",
+        top_fraction: float = 0.01,
         sigma: float = 4.0,
         enabled_cross_domain: bool = True,
     ) -> None:
@@ -66,11 +74,19 @@ class CrossDomainScorer(nn.Module):
         if domain_weighting not in get_args(DomainWeighting):
             msg = f"domain_weighting must be one of {get_args(DomainWeighting)}, got {domain_weighting!r}."
             raise ValueError(msg)
+        if image_score not in get_args(ImageScore):
+            msg = f"image_score must be one of {get_args(ImageScore)}, got {image_score!r}."
+            raise ValueError(msg)
+        if not 0.0 < top_fraction <= 1.0:
+            msg = f"top_fraction must be in (0, 1], got {top_fraction}."
+            raise ValueError(msg)
         if sigma <= 0:
             msg = f"CrossDomainScorer sigma must be positive, got {sigma}."
             raise ValueError(msg)
         self.beta = beta
         self.domain_weighting = domain_weighting
+        self.image_score = image_score
+        self.top_fraction = top_fraction
         self.enabled_cross_domain = enabled_cross_domain
         kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
         self.blur = GaussianBlur2d(sigma=(sigma, sigma), channels=1, kernel_size=(kernel_size, kernel_size))
@@ -87,6 +103,14 @@ class CrossDomainScorer(nn.Module):
             weight = self.beta * min(max(connectivity, 0.0), 1.0)
         self.source_weight = torch.tensor(weight, device=self.source_weight.device)
 
+    def pool(self, patch_map: torch.Tensor) -> torch.Tensor:
+        """psi: one score per image ``(B,)`` from its patch scores ``(B, 1, h, w)`` (Eq. 12-13, 15-16)."""
+        flat = patch_map.flatten(1)
+        if self.image_score == "max":
+            return flat.amax(dim=1)
+        count = max(1, math.ceil(self.top_fraction * flat.shape[1]))
+        return flat.topk(count, dim=1).values.mean(dim=1)
+
     def patch_maps(
         self, target_distance: torch.Tensor, source_distance: torch.Tensor | None, kernel: IncidenceKernel
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,13 +125,13 @@ class CrossDomainScorer(nn.Module):
         if not self.enabled_cross_domain:
             union = target_distance if source_distance is None else torch.minimum(target_distance, source_distance)
             union_map = kernel.defect(union)[:, None]
-            return union_map.amax(dim=(1, 2, 3)), union_map
+            return self.pool(union_map), union_map
         target_map = kernel.defect(target_distance)[:, None]  # phi(H^t), Eq. 17
-        target_score = target_map.amax(dim=(1, 2, 3))  # psi(H^t), Eq. 15-16
+        target_score = self.pool(target_map)  # psi(H^t), Eq. 15-16
         if source_distance is None:
             return target_score, target_map
         source_map = kernel.defect(source_distance)[:, None]  # phi(H^s), Eq. 14
-        source_score = source_map.amax(dim=(1, 2, 3))  # psi(H^s), Eq. 12-13
+        source_score = self.pool(source_map)  # psi(H^s), Eq. 12-13
         weight = self.source_weight.to(target_map.dtype)
         image_score = weight * source_score + (1 - weight) * target_score  # Eq. 18
         anomaly_map = weight * source_map + (1 - weight) * target_map  # Eq. 19

@@ -30,6 +30,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from anomalib.data import InferenceBatch
@@ -48,11 +49,13 @@ from anomalib_hypergraph.hypergraph import (
 
 from .perturbation import DomainPerturbation, perturbation_loss
 from .rectification import ResHGNN, pseudo_features, train_rectifier
-from .scoring import CrossDomainScorer, DomainWeighting
+from .scoring import CrossDomainScorer, DomainWeighting, ImageScore
 
 logger = logging.getLogger(__name__)
 
 DOMAINS = (TARGET, SOURCE)  # vertex order of the cross-domain hypergraph: target rows first
+SHORTLIST_MARGIN = 4  # extra exact candidates per search, see HyperTransModel._search_banks
+ShotAugmentation = Literal["dihedral", "none"]
 
 
 @dataclass
@@ -100,6 +103,11 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         dropout: dropout inside the residual HGNN (paper: 0.5).
         beta: weight of the source sub-hypergraph in Eq. 18-19 (paper: 0.6).
         domain_weighting: how beta is applied, see :class:`~.scoring.CrossDomainScorer`.
+        image_score: psi of Eq. 12-13 / 15-16, see :class:`~.scoring.CrossDomainScorer` (paper: ``"max"``).
+        top_fraction: share of an image's patches averaged by ``image_score="top_mean"``.
+        shot_augmentation: ``"dihedral"`` (ours, default): the target bank holds every target shot in its eight
+            dihedral views (four 90-degree rotations, each also mirrored; four views for non-square images), so that one
+            shot also covers the orientations a part takes on the line; ``"none"``: the shots as they are (the paper).
         sigma: Gaussian smoothing of the upsampled anomaly map (paper: 4).
         chunk_size: rows per block in every distance computation (memory vs speed).
         use_domain_perturbation: ablation switch for DP (adapters are then absent).
@@ -127,6 +135,9 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         dropout: float = 0.5,
         beta: float = 0.6,
         domain_weighting: DomainWeighting = "evidence",
+        image_score: ImageScore = "top_mean",
+        top_fraction: float = 0.01,
+        shot_augmentation: ShotAugmentation = "dihedral",
         sigma: float = 4.0,
         chunk_size: int = 2048,
         use_domain_perturbation: bool = True,
@@ -135,6 +146,9 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if shot_augmentation not in get_args(ShotAugmentation):
+            msg = f"shot_augmentation must be one of {get_args(ShotAugmentation)}, got {shot_augmentation!r}."
+            raise ValueError(msg)
         if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int) or num_neighbors < 2:
             msg = f"num_neighbors must be an int >= 2 (a bank vertex's hyperedge holds itself), got {num_neighbors!r}."
             raise ValueError(msg)
@@ -146,6 +160,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             model_kwargs=model_kwargs,
         )
         self.num_neighbors = num_neighbors
+        self.shot_augmentation = shot_augmentation
         self.chunk_size = chunk_size
         self.seed = seed
 
@@ -175,6 +190,8 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         self.scorer = CrossDomainScorer(
             beta=beta,
             domain_weighting=domain_weighting,
+            image_score=image_score,
+            top_fraction=top_fraction,
             sigma=sigma,
             enabled_cross_domain=use_cross_domain_scoring,
         )
@@ -210,6 +227,10 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Bank-ready patch descriptors (B*h*w, C) of images through the adapted, unperturbed backbone."""
         return flatten_patches(self.extract(images))
+
+    def shot_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The views of target shots that enter the target bank (see ``shot_augmentation``); the first is the shot."""
+        return [images] if self.shot_augmentation == "none" else dihedral_views(images)
 
     # ------------------------------------------------------------------------------------------------ stage 1
     def perturbation_loss(self, images: torch.Tensor) -> torch.Tensor:
@@ -298,24 +319,24 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         features = torch.cat(banks)
         sizes = [bank.shape[0] for bank in banks]
         with torch.no_grad():
-            k = min(self.num_neighbors, features.shape[0])
-            distances, neighbours = chunked_knn(features, features, k, chunk_size=self.chunk_size)
-            self.kernel.fit(distances[:, 1:])  # mean distance to the nearest other vertices
-            hypergraph = bank_hypergraph(neighbours, self.kernel(distances))
-            degree = hypergraph.vertex_degree()
-            hyperedges = AttachedHyperedges.from_neighbours([neighbours], [self.kernel(distances)], [degree])
+            searches = self._search_banks(features, domains)
+            member_distances, member_index = self._joint_members(searches, sizes)
+            self.kernel.fit(member_distances[:, 1:])  # mean distance to the nearest other vertices
+            hypergraph = bank_hypergraph(member_index, self.kernel(member_distances))
+            degrees = hypergraph.vertex_degree().split(sizes)
+            hyperedges = self._attached_hyperedges(searches, degrees)
 
         losses: list[float] = []
         fallback_share = float("nan")
         if self.rectification_possible:
+            assert self.rectifier is not None
             domain = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
             domain[: sizes[0]] = 1  # target rows first
             pseudo = pseudo_features(features, domain, hypergraph, chunk_size=self.chunk_size)  # Eq. 10
             fallback_share = float(pseudo.used_fallback.float().mean())
-            assert self.rectifier is not None
             losses = train_rectifier(
                 self.rectifier,
-                features,
+                banks,
                 hyperedges,
                 pseudo.features,
                 iterations=iterations,
@@ -324,11 +345,11 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
                 on_iteration=on_iteration,
             )
             with torch.no_grad():
-                rectified, hidden = self.rectifier.rectify_bank(features, hyperedges)  # Eq. 9, inference operator
+                rectified, hidden = self.rectifier.rectify_bank(banks, hyperedges)  # Eq. 9, inference operator
         else:
             rectified, hidden = features, features.new_empty(features.shape[0], 0)
         for domain, part, part_hidden, part_degree in zip(
-            domains, rectified.split(sizes), hidden.split(sizes), degree.split(sizes), strict=True
+            domains, rectified.split(sizes), hidden.split(sizes), degrees, strict=True
         ):
             setattr(self, f"rectified_{domain}", part.detach().clone())
             setattr(self, f"hidden_{domain}", part_hidden.detach().clone())
@@ -383,25 +404,10 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         among its K raw candidates by the rectified distance.
         """
         domains = self.fitted_domains()
-        searches = {
-            domain: chunked_knn(
-                patches,
-                self.memory_bank.get(domain),
-                min(self.num_neighbors, self.memory_bank.get(domain).shape[0]),
-                chunk_size=self.chunk_size,
-            )
-            for domain in domains
-        }
+        searches = self._search_banks(patches, domains)
         if self.rectifier is None or self._domain_buffer("hidden", TARGET).shape[-1] == 0:
-            return {domain: distances[:, 0] for domain, (distances, _) in searches.items()}
-        candidate_distances = torch.cat([searches[domain][0] for domain in domains], dim=1)
-        kth = torch.topk(candidate_distances, self.num_neighbors, dim=1, largest=False).values[:, -1:]
-        incidence = [self.kernel(distances) * (distances <= kth) for distances, _ in searches.values()]
-        hyperedges = AttachedHyperedges.from_neighbours(
-            [index for _, index in searches.values()],
-            incidence,
-            [self._domain_buffer("degree", domain) for domain in domains],
-        )
+            return {domain: distances[:, 0] for domain, (distances, _) in zip(domains, searches, strict=True)}
+        hyperedges = self._attached_hyperedges(searches, [self._domain_buffer("degree", domain) for domain in domains])
         rectified = self.rectifier(
             patches,
             hyperedges,
@@ -412,8 +418,43 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             domain: torch.linalg.vector_norm(
                 rectified[:, None, :] - self._domain_buffer("rectified", domain)[index], dim=-1
             ).amin(dim=1)
-            for domain, (_, index) in searches.items()
+            for domain, (_, index) in zip(domains, searches, strict=True)
         }
+
+    def _search_banks(self, rows: torch.Tensor, domains: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per domain, exact distances (ascending) and indices of the nearest raw bank rows of every row.
+
+        ``num_neighbors + SHORTLIST_MARGIN`` rows are kept: the search ranks candidates by a fast expansion of the
+        squared distance and then recomputes exact distances, so taking the K nearest from a slightly longer exact list
+        makes the choice immune to rounding (a query equal to a bank vertex gets exactly that vertex's hyperedge).
+        """
+        searches = []
+        for domain in domains:
+            bank = self.memory_bank.get(domain)
+            k = min(self.num_neighbors + SHORTLIST_MARGIN, bank.shape[0])
+            searches.append(chunked_knn(rows, bank, k, chunk_size=self.chunk_size))
+        return searches
+
+    def _joint_members(
+        self, searches: Sequence[tuple[torch.Tensor, torch.Tensor]], sizes: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K nearest rows over all domains: ``(distances, indices into the concatenated banks)``, both (Q, K)."""
+        offsets = [sum(sizes[:position]) for position in range(len(sizes))]
+        distances = torch.cat([d for d, _ in searches], dim=1)
+        index = torch.cat([i + offset for (_, i), offset in zip(searches, offsets, strict=True)], dim=1)
+        members, position = torch.topk(distances, min(self.num_neighbors, distances.shape[1]), dim=1, largest=False)
+        return members, torch.gather(index, 1, position)
+
+    def _attached_hyperedges(
+        self, searches: Sequence[tuple[torch.Tensor, torch.Tensor]], degrees: Sequence[torch.Tensor]
+    ) -> AttachedHyperedges:
+        """Attached hyperedge of every searched row: its K nearest bank vertices over all domains (Eq. 8 rows)."""
+        distances = torch.cat([d for d, _ in searches], dim=1)
+        k = min(self.num_neighbors, distances.shape[1])
+        _, position = torch.topk(distances, k, dim=1, largest=False)
+        chosen = torch.zeros_like(distances).scatter_(1, position, 1.0)
+        incidence = (self.kernel(distances) * chosen).split([d.shape[1] for d, _ in searches], dim=1)
+        return AttachedHyperedges.from_neighbours([i for _, i in searches], list(incidence), list(degrees))
 
     def score_against_bank(self, images: torch.Tensor, bank: torch.Tensor) -> InferenceBatch:
         """Target-only nearest-neighbour scores against a given bank, without rectification.
@@ -435,6 +476,15 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         grids = {domain: value.reshape(batch_size, height, width) for domain, value in distances.items()}
         pred_score, anomaly_map = self.scorer(grids[TARGET], grids.get(SOURCE), self.kernel, image_size)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+
+def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
+    """The eight dihedral views of square images (rotations by 0/90/180/270 degrees, then the same mirrored), or the
+    four that keep the shape of non-square ones (identity, horizontal and vertical mirror, half turn)."""
+    if images.shape[-1] != images.shape[-2]:
+        return [images, images.flip(-1), images.flip(-2), images.flip(-2, -1)]
+    mirrored = images.flip(-1)
+    return [torch.rot90(view, turns, dims=(-2, -1)) for view in (images, mirrored) for turns in range(4)]
 
 
 def flatten_patches(features: torch.Tensor) -> torch.Tensor:
