@@ -542,8 +542,10 @@ def test_cnn_features_are_pooled_aligned_stage_maps(pool_size: int) -> None:
     else:
         # Interior position: the plain 3x3 mean of its neighbourhood.
         torch.testing.assert_close(features[:, :128, 4, 5], layer2[:, :, 3:6, 4:7].mean(dim=(2, 3)))
-        # Corner: only the 2x2 real neighbours are averaged (padding is not counted).
-        torch.testing.assert_close(features[:, :128, 0, 0], layer2[:, :, :2, :2].mean(dim=(2, 3)))
+        # Corner: the 2x2 real neighbours over the full 3x3 window (zero padding counted), as PatchCore's AvgPool2d.
+        torch.testing.assert_close(features[:, :128, 0, 0], layer2[:, :, :2, :2].sum(dim=(2, 3)) / 9)
+        patchcore_pool = torch.nn.AvgPool2d(3, 1, 1)
+        torch.testing.assert_close(features[:, :128], patchcore_pool(layer2))
 
 
 def test_extractor_argument_errors() -> None:

@@ -16,7 +16,8 @@ Two backbone kinds are supported, both from timm:
 * ``"cnn"``: EfficientNet/MobileNet-style (``conv_stem`` + ``bn1`` stem, stages ``blocks.0``...) and ResNet-style
   (``conv1``/``bn1``/``act1``/``maxpool`` stem, stages ``layer1``...). The hook sees feature maps ``(B, C, H, W)``.
   Output: each chosen stage's map averaged over a ``pool_size`` x ``pool_size`` neighbourhood (stride 1, same size),
-  upsampled bilinearly to the first chosen stage's resolution and concatenated along channels (PatchCore-style).
+  upsampled bilinearly to the first chosen stage's resolution and concatenated along channels: PatchCore's locally
+  aware patch features, computed exactly as anomalib's PatchCore does (zero-padded average, bilinear resize).
 
 Images must already be normalised with :attr:`PatchFeatureExtractor.mean` / ``std`` (the pre-processor's job).
 Another kind (e.g. an open_clip visual tower) fits the same pattern: an embedding step, a list of stages, and a
@@ -301,10 +302,9 @@ class PatchFeatureExtractor(nn.Module):
         for feature_map in chosen_maps:
             smoothed = feature_map
             if self.pool_size > 1:
-                # Borders average only real neighbours (count_include_pad=False), so they are not pulled to zero.
-                smoothed = F.avg_pool2d(
-                    smoothed, self.pool_size, stride=1, padding=self.pool_size // 2, count_include_pad=False
-                )
+                # Zero padding counted at the borders, exactly PatchCore's AvgPool2d(3, 1, 1): the features an anomalib
+                # user's PatchCore matches, so comparisons isolate the matching and not the descriptor.
+                smoothed = F.avg_pool2d(smoothed, self.pool_size, stride=1, padding=self.pool_size // 2)
             if smoothed.shape[-2:] != target_size:
                 smoothed = F.interpolate(smoothed, size=target_size, mode="bilinear", align_corners=False)
             aligned.append(smoothed)
