@@ -374,7 +374,7 @@ def test_evidence_weighting_follows_cross_domain_connectivity() -> None:
     scorer.fit(None)  # no source domain
     assert float(scorer.source_weight) == 0.0
     target = torch.rand(1, 3, 3)
-    score, patch_map = scorer.patch_maps(target, None, IncidenceKernel())
+    _, patch_map = scorer.patch_maps(target, None, IncidenceKernel())
     assert torch.allclose(patch_map[:, 0], IncidenceKernel().defect(target))
     with pytest.raises(ValueError, match="domain_weighting must be one of"):
         CrossDomainScorer(domain_weighting="learned")  # type: ignore[arg-type]

@@ -15,8 +15,8 @@ with :math:`D_v(j)` the degree of bank vertex j in the bank hypergraph (queries 
 Why every vertex, bank or query, goes through this one operator: a query identical to a bank vertex must come out
 identical to that vertex's stored feature (a target shot re-submitted as a test image must score 0, as with plain
 nearest-neighbour scoring). Rectifying bank vertices with the transductive operator and queries with the inductive one
-breaks that; rectifying both as attached vertices keeps it exactly, and the cost per vertex is O(K * C) whatever the bank
-size, so inference never rebuilds the bank hypergraph.
+breaks that; rectifying both as attached vertices keeps it exactly, and the cost per vertex is O(K * C) whatever the
+bank size, so inference never rebuilds the bank hypergraph.
 
 The bank may be split into parts (one per domain, each searched on its own): an attached hyperedge then holds members
 of several parts, and a member slot can be switched off (weight 0) when the K nearest over all parts are kept.
@@ -35,12 +35,12 @@ from anomalib_hypergraph.hypergraph.structure import SoftHypergraph, _safe_power
 
 @dataclass
 class AttachedHyperedges:
-    """The attached hyperedge :math:`e_x` of each of Q rows, members split by bank part.
+    r"""The attached hyperedge :math:`e_x` of each of Q rows, members split by bank part.
 
     Attributes:
         index: per part, ``(Q, K_p)`` int64 member rows in that part.
         weight: per part, ``(Q, K_p)`` :math:`H[j, e_x] D_v(j)^{-1/2}` (0 for a slot that is not a member).
-        edge_degree: ``(Q, 1)`` :math:`D_e(e_x) = 1 + \\sum_j H[j, e_x]`.
+        edge_degree: ``(Q, 1)`` :math:`D_e(e_x) = 1 + \sum_j H[j, e_x]`.
 
     """
 
@@ -114,7 +114,7 @@ def weighted_gather_sum(values: torch.Tensor, index: torch.Tensor, weight: torch
 
 
 def bank_hypergraph(neighbour_index: torch.Tensor, neighbour_incidence: torch.Tensor) -> SoftHypergraph:
-    """The bank hypergraph of the module docstring: hyperedge e_v holds the K nearest bank vertices of v (v included).
+    """Build the bank hypergraph of the module docstring: hyperedge e_v holds the K nearest bank vertices of v.
 
     Args:
         neighbour_index: ``(N, K)`` the K nearest bank vertices of every bank vertex, itself included.

@@ -115,8 +115,8 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         beta: weight of the source sub-hypergraph, Eq. 18-19 (paper: 0.6).
         domain_weighting: ``"evidence"`` (ours, default): beta times the share of target vertices in a cross-domain
             hyperedge, so a source domain that never meets the target gets no weight; ``"fixed"``: beta (the paper).
-        image_score: psi of Eq. 12-13 / 15-16: ``"top_mean"`` (ours, default) the mean of the highest ``top_fraction`` of
-            an image's patch scores, or ``"max"`` (the paper).
+        image_score: psi of Eq. 12-13 / 15-16: ``"top_mean"`` (ours, default) the mean of the highest
+            ``top_fraction`` of an image's patch scores, or ``"max"`` (the paper).
         top_fraction: share of the patches averaged by ``"top_mean"`` (default 1 %).
         shot_augmentation: ``"dihedral"`` (ours, default): the target bank also holds the 90-degree rotations and
             mirror images of every shot; ``"none"``: the shots as they are (the paper).
@@ -448,6 +448,7 @@ def seed_shuffling(loaders: object, seed: int) -> None:
 
     Args:
         loaders: a ``DataLoader``, or a (nested) dict / list / tuple of them, as ``trainer.train_dataloader`` returns.
+        seed: seed of the samplers' generators.
 
     """
     if isinstance(loaders, dict):

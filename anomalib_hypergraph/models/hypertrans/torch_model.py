@@ -229,7 +229,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         return flatten_patches(self.extract(images))
 
     def shot_views(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The views of target shots that enter the target bank (see ``shot_augmentation``); the first is the shot."""
+        """Return the views of target shots that enter the target bank (see ``shot_augmentation``), shot first."""
         return [images] if self.shot_augmentation == "none" else dihedral_views(images)
 
     # ------------------------------------------------------------------------------------------------ stage 1
@@ -438,7 +438,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
     def _joint_members(
         self, searches: Sequence[tuple[torch.Tensor, torch.Tensor]], sizes: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K nearest rows over all domains: ``(distances, indices into the concatenated banks)``, both (Q, K)."""
+        """Return the K nearest rows over all domains: distances and indices into the concatenated banks, (Q, K)."""
         offsets = [sum(sizes[:position]) for position in range(len(sizes))]
         distances = torch.cat([d for d, _ in searches], dim=1)
         index = torch.cat([i + offset for (_, i), offset in zip(searches, offsets, strict=True)], dim=1)
@@ -479,8 +479,11 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
 
 
 def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
-    """The eight dihedral views of square images (rotations by 0/90/180/270 degrees, then the same mirrored), or the
-    four that keep the shape of non-square ones (identity, horizontal and vertical mirror, half turn)."""
+    """Return the eight dihedral views of square images, or the four that keep the shape of non-square ones.
+
+    Square: rotations by 0/90/180/270 degrees, then the same of the mirror image. Non-square: identity, horizontal and
+    vertical mirror, half turn.
+    """
     if images.shape[-1] != images.shape[-2]:
         return [images, images.flip(-1), images.flip(-2), images.flip(-2, -1)]
     mirrored = images.flip(-1)
