@@ -4,9 +4,9 @@ A query image's (rectified) patches join the hypergraph; the part linking them t
 sub-hypergraph H^s, the part linking them to the target bank the target one H^t. With incidence = similarity, the
 defect score of a patch on a sub-hypergraph is its dissimilarity to its best-matching bank vertex,
 ``1 - max_j H(f, j)``; for the scale-free kernels used here (:class:`~anomalib_hypergraph.hypergraph.IncidenceKernel`)
-that is a strictly increasing function of the patch's nearest-neighbour distance d (reciprocal kernel: ``(d/s) / (1 + d/s)``), so it is
-computed from the nearest-neighbour distances of :meth:`HyperTransModel.nearest_distances` and never materialises a
-query x bank matrix.
+that is a strictly increasing function of the patch's nearest-neighbour distance d (reciprocal kernel:
+``(d/s) / (1 + d/s)``), so it is computed from the nearest-neighbour distances of
+:meth:`HyperTransModel.nearest_distances` and never materialises a query x bank matrix.
 
 Weight of the source domain. With a scale-free kernel nothing saturates any more, so a source bank that no target
 patch is close to would add a large, uninformative score to every patch: measured on our benchmarks, fusing with a
@@ -39,8 +39,8 @@ class CrossDomainScorer(nn.Module):
     Per query patch, a defect score on the source bank (phi(H^s)) and one on the target bank (phi(H^t)). The image
     score is ``a = w * psi(H^s) + (1 - w) * psi(H^t)`` (Eq. 18) with psi a pooling of the image's un-blurred patch
     scores: their maximum (``image_score="max"``, the paper's Eq. 12-13 / 15-16) or, our default, the mean of the
-    highest ``top_fraction`` of them (at least one patch; the pooling AnomalyDINO uses for few-shot patch matching), which
-    keeps the score of a clean image from being set by a single noisy patch. The map
+    highest ``top_fraction`` of them (at least one patch; the pooling AnomalyDINO uses for few-shot patch matching),
+    which keeps the score of a clean image from being set by a single noisy patch. The map
     ``S = w * phi(H^s) + (1 - w) * phi(H^t)`` (Eq. 19) is upsampled bilinearly to the image size and smoothed by a
     Gaussian (as PatchCore does). ``w`` is :attr:`source_weight`: ``beta`` itself
     (``"fixed"``, the paper) or ``beta`` times the cross-domain connectivity of the banks (``"evidence"``, see the
