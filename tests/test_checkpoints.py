@@ -81,7 +81,7 @@ def test_score_options_that_differ_are_warned_about_each(checkpoint: dict, caplo
     override = {
         "beta": 0.3,
         "incidence_kernel": "gaussian",
-        "incidence_bandwidth": 2.0,
+        "image_score": "max",
         "use_cross_domain_scoring": False,
     }
     with caplog.at_level(logging.INFO, logger=LOGGER):
@@ -90,7 +90,7 @@ def test_score_options_that_differ_are_warned_about_each(checkpoint: dict, caplo
     assert "change the scores; the model's values are used" in warned
     for expected in (
         "beta: checkpoint 0.6, model 0.3",
-        "incidence_bandwidth: checkpoint None, model 2.0",
+        "image_score: checkpoint 'top_mean', model 'max'",
         "incidence_kernel: checkpoint 'reciprocal', model 'gaussian'",
         "use_cross_domain_scoring: checkpoint True, model False",
     ):

@@ -230,3 +230,27 @@ def test_onnx_export_scores_like_the_torch_model(trained: dict, tmp_path: Path) 
         )
         torch.testing.assert_close(torch.from_numpy(outputs["pred_score"]), expected.pred_score, atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.from_numpy(outputs["anomaly_map"]), expected.anomaly_map, atol=1e-4, rtol=0)
+
+
+def test_same_arguments_and_seed_train_bit_identical_models_whatever_the_global_state(
+    tmp_path: Path, synthetic_root: Path, synthetic_category: str, tiny_hypertrans_kwargs: dict
+) -> None:
+    """The `anomalib` command never seeds the global random state: two runs must still agree exactly."""
+    runs = []
+    for global_seed in (11, 12):
+        torch.manual_seed(0)  # the random test backbone is built from the global state; real weights are loaded
+        model = HyperTrans(**tiny_hypertrans_kwargs)
+        torch.manual_seed(global_seed)  # what differs between two command-line runs
+        engine = Engine(
+            default_root_dir=tmp_path / str(global_seed), accelerator="cpu", devices=1, max_epochs=2, logger=False
+        )
+        datamodule = make_datamodule(synthetic_root, synthetic_category)
+        engine.fit(model=model, datamodule=datamodule)
+        scores = CollectScores()
+        engine.trainer.callbacks.append(scores)
+        engine.test(model=model, datamodule=datamodule)
+        runs.append((model.model.state_dict(), scores.scores))
+    (first_state, first_scores), (second_state, second_scores) = runs
+    for key, value in first_state.items():
+        assert torch.equal(value, second_state[key]), key
+    assert first_scores == second_scores
