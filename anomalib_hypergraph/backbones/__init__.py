@@ -1,5 +1,6 @@
-"""Offline-capable backbones: weight loading, packaged EfficientNet-Lite weights, frozen patch-feature extractor."""
+"""Offline-capable backbones: weight loading, packaged EfficientNet-Lite weights, patch-feature and CLIP encoders."""
 
+from anomalib_hypergraph.backbones.clip import ClipBackbone, ClipVisualFeatures, register_open_clip_config
 from anomalib_hypergraph.backbones.efficientnet_lite import EFFICIENTNET_LITE_VARIANTS, efficientnet_lite_state_dict
 from anomalib_hypergraph.backbones.factory import (
     BackboneDataConfig,
@@ -16,6 +17,8 @@ __all__ = [
     "EFFICIENTNET_LITE_VARIANTS",
     "BackboneDataConfig",
     "BackboneWeightsError",
+    "ClipBackbone",
+    "ClipVisualFeatures",
     "PatchFeatureExtractor",
     "StageHook",
     "backbone_data_config",
@@ -26,4 +29,5 @@ __all__ = [
     "efficientnet_lite_state_dict",
     "load_state_dict_file",
     "load_weights_into",
+    "register_open_clip_config",
 ]

@@ -1,0 +1,104 @@
+r"""H2VLR anomaly inference: text and visual maps, base map (Eq. 5), residual correction (Eq. 6-7), image score.
+
+All maps are per patch, ``(B, N)``, in [0, 1]:
+
+- :math:`M_{txt}`: softmax over the cosine similarities of a patch token to the semantic centres C_n and C_a, at
+  CLIP's temperature; the abnormal probability;
+- :math:`M_{vis}`: distance of a patch's gallery tokens to their nearest support-gallery token,
+  :math:`\frac{1}{2}(1 - \max_j \cos)`, averaged over the gallery blocks (the halving maps [-1, 1] to [0, 1]);
+- Eq. 5: :math:`M_{base} = \alpha M_{txt} + (1 - \alpha) M_{vis}`, alpha = 0.5;
+- Eq. 6: :math:`M_{res} = \beta (M_{hg} - \mu)`, with mu the mean of :math:`M_{hg}` over the support images (so that a
+  normal image's hypergraph evidence is centred at 0) and beta a learnable scale (ours; starts at 1);
+- Eq. 7: :math:`M^* = \mathrm{clamp}(M_{base} + \eta M_{res}, 0, 1)`, eta = 0.4.
+
+The image score is a small MLP on the soft histogram of :math:`M^*` (ours: 16 bins with centres (b + 0.5) / 16, each
+patch spread over the bins by a softmax of :math:`-(m - c_b)^2 / 2h^2` with h the bin width, then averaged over the
+patches, so the histogram sums to 1; MLP 16 -> 32 -> 1 with a sigmoid).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from anomalib_hypergraph.hypergraph import nearest_cosine_similarity
+
+
+def text_anomaly_map(
+    patch_tokens: torch.Tensor, normal_centre: torch.Tensor, anomaly_centre: torch.Tensor, logit_scale: float
+) -> torch.Tensor:
+    """M_txt ``(B, N)``: abnormal probability of each normalised patch token against the two semantic centres."""
+    centres = torch.stack([normal_centre, anomaly_centre])  # (2, D)
+    logits = logit_scale * patch_tokens @ centres.T  # (B, N, 2)
+    return torch.softmax(logits, dim=-1)[..., 1]
+
+
+def visual_anomaly_map(gallery_tokens: torch.Tensor, support_gallery: torch.Tensor, *, chunk_size: int) -> torch.Tensor:
+    """M_vis ``(B, N)``: mean over the gallery blocks of (1 - max cosine to the support gallery) / 2.
+
+    Args:
+        gallery_tokens: ``(B, G, N, W)`` normalised gallery tokens of the query images.
+        support_gallery: ``(G, R, W)`` normalised support tokens shared by the batch, or ``(B, G, R, W)`` per image
+            (leave-one-out galleries during training).
+        chunk_size: gallery rows per block of the nearest-neighbour search.
+
+    """
+    per_layer = []
+    for layer in range(gallery_tokens.shape[1]):
+        gallery = support_gallery[:, layer] if support_gallery.ndim == 4 else support_gallery[layer]
+        similarity = nearest_cosine_similarity(
+            gallery_tokens[:, layer], gallery, chunk_size=chunk_size, normalized=True
+        )
+        per_layer.append(0.5 * (1.0 - similarity))
+    return torch.stack(per_layer).mean(dim=0)
+
+
+def base_map(text_map: torch.Tensor, visual_map: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Eq. 5: M_base = alpha * M_txt + (1 - alpha) * M_vis."""
+    return alpha * text_map + (1.0 - alpha) * visual_map  # Eq. 5
+
+
+def corrected_map(
+    base: torch.Tensor, node_scores: torch.Tensor, centre: torch.Tensor, scale: torch.Tensor, eta: float
+) -> torch.Tensor:
+    """Eq. 6-7: M* = clamp(M_base + eta * beta * (M_hg - mu), 0, 1)."""
+    residual = scale * (node_scores - centre)  # Eq. 6: M_res = beta (M_hg - mu)
+    return torch.clamp(base + eta * residual, 0.0, 1.0)  # Eq. 7
+
+
+def soft_histogram(maps: torch.Tensor, num_bins: int, bandwidth: float | None = None) -> torch.Tensor:
+    """Differentiable histogram ``(B, num_bins)`` of per-patch scores ``(B, N)`` in [0, 1]; each row sums to 1.
+
+    Args:
+        maps: ``(B, N)`` scores.
+        num_bins: number of bins, centres ``(b + 0.5) / num_bins``.
+        bandwidth: Gaussian width of the soft assignment; None = the bin width.
+
+    """
+    if num_bins < 2:
+        msg = f"soft_histogram needs at least 2 bins, got {num_bins}."
+        raise ValueError(msg)
+    width = bandwidth if bandwidth is not None else 1.0 / num_bins
+    centres = (torch.arange(num_bins, device=maps.device, dtype=maps.dtype) + 0.5) / num_bins
+    assignment = torch.softmax(-((maps.unsqueeze(-1) - centres) ** 2) / (2.0 * width**2), dim=-1)  # (B, N, bins)
+    return assignment.mean(dim=1)
+
+
+class HistogramImageHead(nn.Module):
+    """Image anomaly score from the soft histogram of the corrected map: MLP(bins -> hidden -> 1), sigmoid."""
+
+    def __init__(self, num_bins: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.num_bins = num_bins
+        self.mlp = nn.Sequential(nn.Linear(num_bins, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B,)`` in (0, 1) of per-patch maps ``(B, N)``."""
+        return torch.sigmoid(self.mlp(soft_histogram(maps, self.num_bins)).squeeze(-1))
+
+
+def upsample_map(patch_map: torch.Tensor, grid_size: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:
+    """``(B, N)`` patch scores -> ``(B, 1, H, W)`` map, bilinear."""
+    grid = patch_map.reshape(patch_map.shape[0], 1, *grid_size)
+    return F.interpolate(grid, size=image_size, mode="bilinear", align_corners=False)
