@@ -13,7 +13,7 @@ from anomalib_hypergraph.backbones import ClipBackbone, register_open_clip_confi
 from anomalib_hypergraph.hypergraph import HeterogeneousHypergraph, SoftHypergraph, cosine_topk
 from anomalib_hypergraph.models.h2vlr import H2VLRModel
 from anomalib_hypergraph.models.h2vlr.prompts import PromptLearner
-from anomalib_hypergraph.models.h2vlr.scoring import corrected_map, soft_histogram
+from anomalib_hypergraph.models.h2vlr.scoring import HistogramImageHead, corrected_map, soft_histogram
 from anomalib_hypergraph.models.h2vlr.synthesis import SupportAnomalySynthesizer
 from anomalib_hypergraph.models.h2vlr.vocabulary import GENERIC_DEFECT_STATES, object_name, special_states
 
@@ -133,6 +133,17 @@ def test_soft_histogram_sums_to_one_and_follows_the_scores() -> None:
     low, high = soft_histogram(torch.full((1, 10), 0.02), 16), soft_histogram(torch.full((1, 10), 0.98), 16)
     assert int(low.argmax()) == 0
     assert int(high.argmax()) == 15
+
+
+def test_untrained_image_head_rises_with_the_upper_tail() -> None:
+    head = HistogramImageHead(16, 32)
+    generator = torch.Generator().manual_seed(13)
+    normal = 0.3 * torch.rand(1, 64, generator=generator)
+    defective = normal.clone()
+    defective[0, :6] = 0.9  # a few patches with strong evidence
+    with torch.no_grad():
+        assert float(head(defective)) > float(head(normal))
+        assert float(head(normal + 0.2)) > float(head(normal))
 
 
 # ------------------------------------------------------------------------------------------------ CLIP access

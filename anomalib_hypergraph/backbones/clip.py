@@ -184,9 +184,12 @@ class ClipBackbone(nn.Module):
         return int(self.text_tower.token_embedding.embedding_dim)
 
     @property
-    def logit_scale(self) -> float:
-        """CLIP's learned inverse temperature (100 for trained CLIP models, 1/0.07 for random ones)."""
-        return float(self.clip.logit_scale.detach().exp())
+    def logit_scale(self) -> torch.Tensor:
+        """CLIP's learned inverse temperature, a scalar tensor (100 for trained CLIP models, 1/0.07 for random ones).
+
+        A tensor, not a float, so that exported graphs read it without a data-dependent ``.item()``.
+        """
+        return self.clip.logit_scale.detach().exp()
 
     # ------------------------------------------------------------------------------------------------ image
     def encode_image(self, images: torch.Tensor) -> ClipVisualFeatures:

@@ -128,8 +128,8 @@ class HeterogeneousHypergraph:
 
     @property
     def batch_size(self) -> int:
-        """B graphs."""
-        return int(self.members.shape[0])
+        """B graphs (kept symbolic under ``torch.export``: no ``int()``, so the batch axis stays dynamic)."""
+        return self.members.shape[0]
 
     @property
     def member_mask(self) -> torch.Tensor:

@@ -99,6 +99,7 @@ class H2VLR(AnomalibModule):
         residual_scale: initial learnable beta of Eq. 6.
         histogram_bins: soft-histogram bins of the image head.
         image_head_hidden: hidden units of the image-head MLP.
+        image_head_init: ``"tail"`` (starts increasing in the histogram's upper tail) or ``"random"`` initialisation.
         text_temperature: logit scale of text similarities (None: CLIP's own).
         sigma: Gaussian smoothing of the anomaly map (0: none).
         use_dsi: Table 4 ablation switch, Dynamic Semantic Induction (support conditioning, Eq. 1).
@@ -157,6 +158,7 @@ class H2VLR(AnomalibModule):
         residual_scale: float = 1.0,
         histogram_bins: int = 16,
         image_head_hidden: int = 32,
+        image_head_init: str = "tail",
         text_temperature: float | None = None,
         sigma: float = 4.0,
         use_dsi: bool = True,
@@ -217,6 +219,7 @@ class H2VLR(AnomalibModule):
             residual_scale=residual_scale,
             histogram_bins=histogram_bins,
             image_head_hidden=image_head_hidden,
+            image_head_init=image_head_init,
             text_temperature=text_temperature,
             sigma=sigma,
             use_dsi=use_dsi,
@@ -400,10 +403,10 @@ class H2VLR(AnomalibModule):
         """Read the support set without a datamodule; plan epoch lengths; warn when the last epoch is not validated."""
         if not self.model.is_fitted:
             self._load_support()
-        loader = self.trainer.train_dataloader
-        self._batches_per_epoch = None
-        if isinstance(loader, CombinedLoader) and isinstance(loader.iterables, Mapping):
-            self._batches_per_epoch = len(loader.iterables[TARGET])
+        loader = self.trainer.train_dataloader  # Lightning returns the iterables: a dict for cross-domain data
+        if isinstance(loader, CombinedLoader):
+            loader = loader.iterables
+        self._batches_per_epoch = len(loader[TARGET]) if isinstance(loader, Mapping) else None
         final_epoch = min(self.epochs, self.trainer.max_epochs) if self.trainer.max_epochs else self.epochs
         every = self.trainer.check_val_every_n_epoch
         if self.trainer.enable_validation and every and final_epoch % every:

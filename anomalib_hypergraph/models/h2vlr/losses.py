@@ -93,7 +93,7 @@ def alignment_loss(
     normal_tokens: torch.Tensor,
     anomalous_tokens: torch.Tensor,
     prompts: PromptEmbeddings,
-    logit_scale: float,
+    logit_scale: torch.Tensor | float,
     config: LossConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 9: (L_align, v2t, triplet, EAM) of unit-length normal ``(n, D)`` and anomalous ``(a, D)`` tokens."""

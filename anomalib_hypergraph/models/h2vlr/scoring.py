@@ -13,7 +13,8 @@ All maps are per patch, ``(B, N)``, in [0, 1]:
 
 The image score is a small MLP on the soft histogram of :math:`M^*` (ours: 16 bins with centres (b + 0.5) / 16, each
 patch spread over the bins by a softmax of :math:`-(m - c_b)^2 / 2h^2` with h the bin width, then averaged over the
-patches, so the histogram sums to 1; MLP 16 -> 32 -> 1 with a sigmoid).
+patches, so the histogram sums to 1; MLP 16 -> 32 -> 1 with a sigmoid, initialised as an increasing function of the
+histogram's upper tail, see :class:`HistogramImageHead`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from anomalib_hypergraph.hypergraph import nearest_cosine_similarity
 
 
 def text_anomaly_map(
-    patch_tokens: torch.Tensor, normal_centre: torch.Tensor, anomaly_centre: torch.Tensor, logit_scale: float
+    patch_tokens: torch.Tensor,
+    normal_centre: torch.Tensor,
+    anomaly_centre: torch.Tensor,
+    logit_scale: torch.Tensor | float,
 ) -> torch.Tensor:
     """M_txt ``(B, N)``: abnormal probability of each normalised patch token against the two semantic centres."""
     centres = torch.stack([normal_centre, anomaly_centre])  # (2, D)
@@ -86,12 +90,38 @@ def soft_histogram(maps: torch.Tensor, num_bins: int, bandwidth: float | None = 
 
 
 class HistogramImageHead(nn.Module):
-    """Image anomaly score from the soft histogram of the corrected map: MLP(bins -> hidden -> 1), sigmoid."""
+    """Image anomaly score from the soft histogram of the corrected map: MLP(bins -> hidden -> 1), sigmoid.
 
-    def __init__(self, num_bins: int = 16, hidden: int = 32) -> None:
+    Initialisation (ours, ``init="tail"``): the first ``num_bins`` hidden units start as the upper-tail masses of the
+    histogram (unit j sums the bins >= j), the output layer as a rising ramp over them (the other hidden units start
+    with zero output weight). The untrained head is thus an increasing function of how much of the map lies in high
+    bins, and the few training steps refine it; ``init="random"`` keeps PyTorch's default initialisation.
+
+    Args:
+        num_bins: histogram bins.
+        hidden: hidden units (>= ``num_bins`` with ``init="tail"``).
+        init: ``"tail"`` or ``"random"``.
+
+    """
+
+    def __init__(self, num_bins: int = 16, hidden: int = 32, init: str = "tail") -> None:
         super().__init__()
+        if init not in {"tail", "random"}:
+            msg = f"image head init must be 'tail' or 'random', got {init!r}."
+            raise ValueError(msg)
+        if init == "tail" and hidden < num_bins:
+            msg = f"image head init='tail' needs hidden >= num_bins, got hidden={hidden}, num_bins={num_bins}."
+            raise ValueError(msg)
         self.num_bins = num_bins
         self.mlp = nn.Sequential(nn.Linear(num_bins, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        if init == "tail":
+            with torch.no_grad():
+                first, last = self.mlp[0], self.mlp[2]
+                first.weight[:num_bins] = torch.ones(num_bins, num_bins).triu()  # unit j: mass of the bins >= j
+                first.bias[:num_bins] = 0.0
+                last.weight.zero_()
+                last.weight[0, :num_bins] = 4.0 * torch.arange(num_bins) / num_bins**2  # rising ramp
+                last.bias.zero_()
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """Scores ``(B,)`` in (0, 1) of per-patch maps ``(B, N)``."""

@@ -108,6 +108,7 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         residual_scale: initial value of the learnable beta of Eq. 6.
         histogram_bins: bins of the soft histogram of the image head.
         image_head_hidden: hidden units of the image-head MLP.
+        image_head_init: ``"tail"`` (starts as an increasing function of the histogram's upper tail) or ``"random"``.
         text_temperature: logit scale of text similarities; None = the CLIP model's learned one.
         sigma: Gaussian smoothing of the upsampled anomaly map (0: none).
         use_dsi: ablation switch, support conditioning of the prompts (Psi, Eq. 1).
@@ -146,6 +147,7 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         residual_scale: float = 1.0,
         histogram_bins: int = 16,
         image_head_hidden: int = 32,
+        image_head_init: str = "tail",
         text_temperature: float | None = None,
         sigma: float = 4.0,
         use_dsi: bool = True,
@@ -198,7 +200,7 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
                 chunk_size=chunk_size,
             )
             self.residual_scale = nn.Parameter(torch.tensor(float(residual_scale)))  # beta of Eq. 6
-        self.image_head = HistogramImageHead(histogram_bins, image_head_hidden)
+        self.image_head = HistogramImageHead(histogram_bins, image_head_hidden, image_head_init)
         self.alpha = alpha
         self.eta = eta
         self.use_hsr = use_hsr
@@ -238,8 +240,8 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         return int(self.support_gallery.shape[1]) // self.backbone.num_patches if self.support_gallery.numel() else 0
 
     @property
-    def logit_scale(self) -> float:
-        """Inverse temperature of every text-image similarity."""
+    def logit_scale(self) -> torch.Tensor | float:
+        """Inverse temperature of every text-image similarity (``text_temperature``, or CLIP's own as a tensor)."""
         return self.text_temperature if self.text_temperature is not None else self.backbone.logit_scale
 
     def learnable_parameters(self) -> list[nn.Parameter]:
