@@ -212,6 +212,9 @@ def test_backbone_rejects_bad_arguments() -> None:
         ClipBackbone(TINY_CLIP, pretrained=None, gallery_layers=(2, 7))
     with pytest.raises(ValueError, match="token_source must be one of"):
         ClipBackbone(TINY_CLIP, pretrained=None, token_source="middle", gallery_layers=(0,))
+    backbone = ClipBackbone(TINY_CLIP, pretrained=None, gallery_layers=(0,))
+    with pytest.raises(ValueError, match="longer than the text context"):
+        backbone.tokenize(["a photo of a " + "very " * 40 + "long bottle."])  # 32-token context
     with pytest.raises(ValueError, match="already defines an architecture"):
         register_open_clip_config("ViT-B-16-plus-240", TINY_CLIP_CONFIG)
 

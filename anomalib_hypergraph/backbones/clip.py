@@ -234,8 +234,9 @@ class ClipBackbone(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids ``(P, context_length)`` of the texts (start token, BPE tokens, end token, zero padding)."""
         tokens = self.tokenizer(list(texts))
-        eot = tokens.argmax(dim=-1)
-        too_long = [text for text, token_row, end in zip(texts, tokens, eot, strict=True) if token_row[end] == 0]
+        context_length = tokens.shape[1]
+        encode = getattr(self.tokenizer, "encode", None)  # open_clip's BPE tokenizer; truncation would be silent
+        too_long = [text for text in texts if encode is not None and len(encode(text)) + 2 > context_length]
         if too_long:
             msg = f"Prompts longer than the text context of '{self.name}': {too_long[:3]}."
             raise ValueError(msg)
