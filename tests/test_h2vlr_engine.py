@@ -162,6 +162,31 @@ def test_checkpoint_round_trip_gives_identical_scores(trained: dict) -> None:
     assert restored.shots == original.shots
 
 
+def test_checkpoint_leaves_out_clip_weights_that_come_from_a_file(mvtec_root: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = H2VLR(visualizer=False, **TINY_MODEL_KWARGS)
+    weights_file = tmp_path / "clip.pt"
+    torch.save(reference.model.backbone.clip.state_dict(), weights_file)
+    model = H2VLR(k_shot=1, epochs=1, visualizer=False, **{**TINY_MODEL_KWARGS, "pretrained_weights": weights_file})
+    engine = Engine(default_root_dir=tmp_path / "run", accelerator="cpu", devices=1, max_epochs=1, logger=False)
+    engine.fit(model=model, datamodule=mvtec(mvtec_root))
+    checkpoint_path = checkpoint_of(engine)
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    assert not [key for key in checkpoint["state_dict"] if key.startswith("model.backbone.clip.")]
+    assert checkpoint["h2vlr"]["backbone_source"] == str(weights_file)
+
+    restored = H2VLR.load_from_checkpoint(checkpoint_path, visualizer=False)  # rebuilt from the same file
+    images = torch.rand(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(4))
+    model.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored.model(images).pred_score, model.model(images).pred_score, rtol=0, atol=0)
+    torch.manual_seed(1)
+    torch.save(H2VLR(visualizer=False, **TINY_MODEL_KWARGS).model.backbone.clip.state_dict(), weights_file)
+    with pytest.raises(ValueError, match="built with other weights"):
+        H2VLR.load_from_checkpoint(checkpoint_path, visualizer=False)
+
+
 def test_checkpoint_of_another_model_is_refused() -> None:
     patchcore = Patchcore(backbone="resnet18", pre_trained=False, layers=("layer1",))
     model = H2VLR(visualizer=False, **TINY_MODEL_KWARGS)

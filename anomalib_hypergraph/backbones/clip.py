@@ -22,6 +22,7 @@ All CLIP weights are frozen (``requires_grad=False``) and the CLIP model always 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -190,6 +191,14 @@ class ClipBackbone(nn.Module):
         A tensor, not a float, so that exported graphs read it without a data-dependent ``.item()``.
         """
         return self.clip.logit_scale.detach().exp()
+
+    def weights_fingerprint(self) -> str:
+        """SHA-256 of the CLIP weights (names, shapes, dtypes, values): identifies them without storing them."""
+        digest = hashlib.sha256()
+        for name, tensor in self.clip.state_dict().items():
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     # ------------------------------------------------------------------------------------------------ image
     def encode_image(self, images: torch.Tensor) -> ClipVisualFeatures:

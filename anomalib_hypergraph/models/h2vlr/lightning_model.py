@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 TARGET = "target"
 MANY_SHOTS = 16  # above this many training images H2VLR warns that it is a few-shot model
 CHECKPOINT_KEY = "h2vlr"
+BACKBONE_PREFIX = "model.backbone.clip."
 
 
 class H2VLR(AnomalibModule):
@@ -114,6 +115,9 @@ class H2VLR(AnomalibModule):
         triplet_margin: margin of the triplet term (ours: 0.1).
         leave_one_out: training images are matched against the other shots' gallery.
         chunk_size: block size of the cosine top-k searches.
+        save_backbone_weights: keep the frozen CLIP weights (~830 MB for ``ViT-B-16-plus-240``) in checkpoints. None:
+            only random weights (``pretrained=False``), which nothing else can reproduce; weights from the hub or a
+            file are rebuilt from their source when the checkpoint loads and checked against a SHA-256 fingerprint.
         pre_processor: pre-processor or True for the resize to the backbone's size (no normalisation: the model
             normalises itself, the synthetic anomalies need [0, 1] images).
         post_processor: post-processor or True for anomalib's default.
@@ -173,6 +177,7 @@ class H2VLR(AnomalibModule):
         triplet_margin: float = 0.1,
         leave_one_out: bool = True,
         chunk_size: int = 4096,
+        save_backbone_weights: bool | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -247,6 +252,11 @@ class H2VLR(AnomalibModule):
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.automatic_optimization = False
+        self.save_backbone_weights = (
+            save_backbone_weights if save_backbone_weights is not None else not (pretrained or pretrained_weights)
+        )
+        self.backbone_source = str(pretrained_weights) if pretrained_weights else f"{backbone} / {pretrained_tag}"
+        self._backbone_fingerprint: str | None = None
         self.shots: list[str] = []
         self._inference_state_stale = False
         self._batches_per_epoch: int | None = None
@@ -488,19 +498,27 @@ class H2VLR(AnomalibModule):
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store fresh inference buffers, the class name of the prompts and the shot paths."""
+        """Store fresh inference buffers, the prompts' class name and the shots; leave out rebuildable CLIP weights."""
         super().on_save_checkpoint(checkpoint)
+        state_dict = checkpoint["state_dict"]
         if self._inference_state_stale and self.model.support_tokens.numel():
             self._refresh_if_stale()
-            state_dict = checkpoint["state_dict"]
             for name, buffer in self.model.named_buffers():
                 key = f"model.{name}"
                 if key in state_dict:
                     state_dict[key] = buffer.detach().clone()
-        checkpoint[CHECKPOINT_KEY] = {"class_name": self.model.class_name, "shots": list(self.shots)}
+        record: dict[str, Any] = {"class_name": self.model.class_name, "shots": list(self.shots)}
+        if not self.save_backbone_weights:
+            for key in [key for key in state_dict if key.startswith(BACKBONE_PREFIX)]:
+                del state_dict[key]
+            if self._backbone_fingerprint is None:  # the CLIP weights are frozen: one fingerprint per model
+                self._backbone_fingerprint = self.model.backbone.weights_fingerprint()
+            record["backbone_fingerprint"] = self._backbone_fingerprint
+            record["backbone_source"] = self.backbone_source
+        checkpoint[CHECKPOINT_KEY] = record
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild the prompts for the checkpoint's class before its weights load; refuse other models' checkpoints."""
+        """Rebuild the prompts for the checkpoint's class, restore left-out CLIP weights; refuse other checkpoints."""
         state_dict = checkpoint.get("state_dict", {})
         if "model.support_gallery" not in state_dict or CHECKPOINT_KEY not in checkpoint:
             found = sorted({key.split(".")[1] for key in state_dict if key.startswith("model.")})[:6]
@@ -512,7 +530,26 @@ class H2VLR(AnomalibModule):
         record = checkpoint[CHECKPOINT_KEY]
         self.model.set_class_name(record["class_name"])
         self.shots = list(record.get("shots", []))
+        self._backbone_fingerprint = None
+        if not any(key.startswith(BACKBONE_PREFIX) for key in state_dict):
+            self._restore_backbone_weights(state_dict, record)
         super().on_load_checkpoint(checkpoint)
+
+    def _restore_backbone_weights(self, state_dict: dict[str, Any], record: Mapping[str, Any]) -> None:
+        """Fill the checkpoint's left-out CLIP weights from this model's, after checking they are the same weights."""
+        expected = record.get("backbone_fingerprint")
+        actual = self.model.backbone.weights_fingerprint()
+        if expected != actual:
+            msg = (
+                f"This H2VLR checkpoint was trained on the CLIP weights of {record.get('backbone_source', '?')} "
+                f"(SHA-256 {str(expected)[:12]}...), which it does not contain, but this model was built with other "
+                f"weights (SHA-256 {actual[:12]}...). Build it with the same backbone, pretrained_tag and "
+                "pretrained_weights as the training run."
+            )
+            raise ValueError(msg)
+        self._backbone_fingerprint = actual
+        for name, tensor in self.model.backbone.clip.state_dict().items():
+            state_dict[BACKBONE_PREFIX + name] = tensor
 
 
 def target_batch(batch: Batch | dict[str, Batch]) -> Batch:
