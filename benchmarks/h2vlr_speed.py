@@ -118,7 +118,7 @@ def main() -> None:
         rows.append(("H2VLR", shots, images_per_second(h2vlr, queries, args.batch_size, args.repeats)))
         del h2vlr
 
-    print(f"\nInference speed, {args.backbone} at {size} px, random weights, {args.images} {source}")
+    print(f"\nInference speed, {args.backbone} at {size} px, random weights, {queries.shape[0]} query images: {source}")
     print(f"batch size {args.batch_size}, {args.threads} threads, {args.repeats} pass(es) after one warm-up batch\n")
     print("| model | shots | images/s | ms/image | speed-up vs WinClip |")
     print("|---|---|---|---|---|")
