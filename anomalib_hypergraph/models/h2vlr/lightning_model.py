@@ -26,7 +26,7 @@ anomalib's normalisation and thresholds (nothing is selected on it), so ``--trai
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 TARGET = "target"
 MANY_SHOTS = 16  # above this many training images H2VLR warns that it is a few-shot model
+SUPPORT_CHUNK = 16  # support images read and resized per chunk
 CHECKPOINT_KEY = "h2vlr"
 BACKBONE_PREFIX = "model.backbone.clip."
 
@@ -351,29 +352,30 @@ class H2VLR(AnomalibModule):
     def _support_images(self) -> tuple[torch.Tensor, list[str]]:
         """All shots, pre-processed, read from the training dataset (or, without a datamodule, the train loader)."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        batches = []
+        batches: Iterable[Batch] = []
         if datamodule is not None and getattr(datamodule, "train_data", None) is not None:
             dataset = datamodule.train_data
-            items = [dataset[index] for index in range(len(dataset))]
-            batches = [dataset.collate_fn(items)]
+            batches = (
+                dataset.collate_fn([dataset[index] for index in range(start, min(start + SUPPORT_CHUNK, len(dataset)))])
+                for start in range(0, len(dataset), SUPPORT_CHUNK)
+            )
         elif self.trainer.train_dataloader is not None:
             loader = self.trainer.train_dataloader
             if isinstance(loader, CombinedLoader):
                 loader = loader.iterables
             if isinstance(loader, Mapping):
                 loader = loader[TARGET]
-            batches = list(loader)
-        if not batches:
+            batches = loader
+        transform = getattr(self.pre_processor, "transform", None)
+        images, paths = [], []
+        for batch in batches:  # resized chunk by chunk: raw dataset images can be large
+            chunk = batch.image.to(self.device)
+            images.append(transform(chunk) if transform is not None else chunk)
+            paths += [str(path) for path in batch.image_path]
+        if not images:
             msg = "H2VLR found no training images (the support shots); check the datamodule's training split."
             raise ValueError(msg)
-        images, paths = [], []
-        for batch in batches:
-            images.append(batch.image)
-            paths += [str(path) for path in batch.image_path]
-        support = torch.cat(images).to(self.device)
-        if self.pre_processor is not None and getattr(self.pre_processor, "transform", None) is not None:
-            support = self.pre_processor.transform(support)
-        return support, paths
+        return torch.cat(images), paths
 
     def _check_no_normalisation(self) -> None:
         """Refuse a Normalize: the model normalises by itself and the Perlin anomalies need [0, 1] images."""

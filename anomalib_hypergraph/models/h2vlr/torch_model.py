@@ -58,6 +58,7 @@ from .scoring import (
 )
 
 DEFAULT_CLASS_NAME = "object"
+ENCODE_CHUNK = 16  # support images per CLIP forward pass
 
 
 class EncodedImages(NamedTuple):
@@ -284,7 +285,10 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         if images.ndim != 4 or images.shape[0] < 1:
             msg = f"set_support expects a non-empty batch of images (k, 3, H, W), got {tuple(images.shape)}."
             raise ValueError(msg)
-        encoded = self.encode(images)
+        chunks = [
+            self.encode(images[start : start + ENCODE_CHUNK]) for start in range(0, images.shape[0], ENCODE_CHUNK)
+        ]
+        encoded = EncodedImages(*(torch.cat(parts) for parts in zip(*chunks, strict=True)))
         num_shots, layers, patches, width = encoded.gallery.shape
         self.support_gallery = encoded.gallery.permute(1, 0, 2, 3).reshape(layers, num_shots * patches, width)
         self.support_embedding = F.normalize(encoded.embedding.mean(dim=0), dim=-1)  # G_s
