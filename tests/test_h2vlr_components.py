@@ -286,17 +286,20 @@ def test_ablation_switches_remove_their_parts() -> None:
 
 
 def test_local_weights_file_gives_the_same_outputs_as_weights_in_memory(tmp_path) -> None:
-    torch.manual_seed(0)
     reference = H2VLRModel(class_name="bottle", **TINY_MODEL_KWARGS)
     weights_file = tmp_path / "tiny_clip.pt"
     torch.save(reference.backbone.clip.state_dict(), weights_file)
-    torch.manual_seed(1)  # different random init: only the file can make them equal
-    from_file = H2VLRModel(class_name="bottle", pretrained_weights=weights_file, **TINY_MODEL_KWARGS)
+    # another seed: other random weights everywhere, so only the file can make the CLIP models equal
+    from_file = H2VLRModel(class_name="bottle", pretrained_weights=weights_file, seed=1, **TINY_MODEL_KWARGS)
     from_file.load_state_dict(
         {k: v for k, v in reference.state_dict().items() if not k.startswith("backbone.")}, strict=False
     )
     shots = torch.rand(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(11))
     queries = torch.rand(3, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(12))
+    assert not torch.equal(
+        H2VLRModel(class_name="bottle", seed=1, **TINY_MODEL_KWARGS).backbone.clip.visual.conv1.weight,
+        reference.backbone.clip.visual.conv1.weight,
+    )
     outputs = []
     for model in (reference, from_file):
         model.set_support(shots)

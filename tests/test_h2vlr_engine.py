@@ -181,10 +181,20 @@ def test_checkpoint_leaves_out_clip_weights_that_come_from_a_file(mvtec_root: Pa
     restored.eval()
     with torch.no_grad():
         torch.testing.assert_close(restored.model(images).pred_score, model.model(images).pred_score, rtol=0, atol=0)
-    torch.manual_seed(1)
-    torch.save(H2VLR(visualizer=False, **TINY_MODEL_KWARGS).model.backbone.clip.state_dict(), weights_file)
+    torch.save(H2VLR(visualizer=False, seed=1, **TINY_MODEL_KWARGS).model.backbone.clip.state_dict(), weights_file)
     with pytest.raises(ValueError, match="built with other weights"):
         H2VLR.load_from_checkpoint(checkpoint_path, visualizer=False)
+
+
+def test_training_is_reproducible_from_the_seeds(mvtec_root: Path, tmp_path: Path) -> None:
+    results = []
+    for run in range(2):
+        torch.manual_seed(run)  # the global generator must not matter: initialisation and Perlin follow `seed`
+        model = H2VLR(k_shot=1, epochs=2, visualizer=False, **TINY_MODEL_KWARGS)
+        engine = Engine(default_root_dir=tmp_path / str(run), accelerator="cpu", devices=1, logger=False, max_epochs=2)
+        engine.fit(model=model, datamodule=mvtec(mvtec_root))
+        results.append(model.model.prompt_embeddings.clone())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
 
 
 def test_checkpoint_of_another_model_is_refused() -> None:
@@ -209,7 +219,10 @@ def test_validate_and_export_match_the_torch_model(trained: dict, tmp_path: Path
     with torch.no_grad():
         expected = model(images)
 
-    torch_file = engine.export(model=model, export_type=ExportType.TORCH, export_root=tmp_path)
+    # as `anomalib export --ckpt_path` does: the model is rebuilt from the checkpoint alone
+    torch_file = engine.export(
+        model=model, export_type=ExportType.TORCH, export_root=tmp_path, ckpt_path=checkpoint_of(engine)
+    )
     exported = torch.load(torch_file, weights_only=False)["model"]
     with torch.no_grad():
         reloaded = exported(images)

@@ -46,8 +46,9 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 
 from anomalib_hypergraph.backbones import register_open_clip_config
 from anomalib_hypergraph.data import few_shot_subset
+from anomalib_hypergraph.data.domains import TARGET, CrossDomainPreProcessor, split_domains
 from anomalib_hypergraph.data.few_shot import ShotSelection, check_shot_arguments, normal_positions
-from anomalib_hypergraph.pre_processing import CrossDomainPreProcessor
+from anomalib_hypergraph.models.checkpoints import CheckpointGuard, CheckpointSpec
 
 from .losses import LossConfig
 from .prompts import PROMPT_GROUPS
@@ -56,14 +57,73 @@ from .torch_model import DEFAULT_CLASS_NAME, H2VLRModel
 
 logger = logging.getLogger(__name__)
 
-TARGET = "target"
 MANY_SHOTS = 16  # above this many training images H2VLR warns that it is a few-shot model
 SUPPORT_CHUNK = 16  # support images read and resized per chunk
+SEED_STRIDE = 1_000_003  # separates the per-step seeds of different ``seed`` values
 CHECKPOINT_KEY = "h2vlr"
 BACKBONE_PREFIX = "model.backbone.clip."
 
+# How H2VLR's options relate to its checkpoints (see anomalib_hypergraph.models.checkpoints). Options not listed
+# (alpha, eta, sigma, text_temperature, K of both hyperedge kinds) change a loaded model's scores and are warned about.
+CHECKPOINT_SPEC = CheckpointSpec(
+    model_name="H2VLR",
+    required_state_keys=("model.support_gallery", "model.prompt_embeddings"),
+    architecture_hparams=frozenset(
+        {
+            "backbone",
+            "backbone_config",
+            "token_source",
+            "surgery_depth",
+            "gallery_layers",
+            "context_init",
+            "context_length",
+            "prompt_groups",
+            "num_local_prompts",
+            "local_prompt_tokens",
+            "num_layers",
+            "head_reduction",
+            "histogram_bins",
+            "image_head_hidden",
+            "use_dsi",
+            "use_sghm",
+        }
+    ),
+    restored_hparams=frozenset({"image_size"}),
+    inert_hparams=frozenset(
+        {
+            "pretrained",  # stored weights are loaded; rebuilt ones are checked by their fingerprint
+            "pretrained_tag",
+            "pretrained_weights",
+            "class_name",  # the prompts are rebuilt for the checkpoint's class
+            "k_shot",
+            "shot_selection",
+            "seed",
+            "epochs",
+            "lr",
+            "momentum",
+            "weight_decay",
+            "anomalies_per_shot",
+            "anomaly_source_path",
+            "residual_scale",
+            "image_head_init",
+            "use_hsr",
+            "lambda_str",
+            "lambda_seg",
+            "lambda_image",
+            "laplacian_weight",
+            "focal_gamma",
+            "eam_margin",
+            "triplet_margin",
+            "leave_one_out",
+            "chunk_size",
+            "save_backbone_weights",
+        }
+    ),
+    derived_state_keys=("model.blur.kernel",),
+)
 
-class H2VLR(AnomalibModule):
+
+class H2VLR(CheckpointGuard, AnomalibModule):
     """H2VLR: few-shot anomaly detection by heterogeneous hypergraph vision-language reasoning.
 
     Args:
@@ -76,7 +136,9 @@ class H2VLR(AnomalibModule):
         k_shot: number of normal training images kept as the support set; None = all of the datamodule's training
             images (use with ``FewShot`` or the cross-domain datamodules).
         shot_selection: ``"random"`` (seeded) or ``"first"`` (first k in sorted path order).
-        seed: seed of the shot selection.
+        seed: seed of everything random: the shot selection, the initialisation (random CLIP weights, prompt
+            vectors, hypergraph layers, heads) and the synthetic anomalies (one draw per step from ``seed`` and the
+            step number, the same on every rank); private generators, so torch's global seed does not matter.
         epochs: training epochs = optimisation steps over the whole support set (paper: 100).
         lr: SGD learning rate (paper: 2e-3).
         momentum: SGD momentum (ours: 0.9).
@@ -126,6 +188,8 @@ class H2VLR(AnomalibModule):
         visualizer: visualizer or True for anomalib's default.
 
     """
+
+    checkpoint_spec = CHECKPOINT_SPEC
 
     def __init__(
         self,
@@ -242,6 +306,7 @@ class H2VLR(AnomalibModule):
             ),
             leave_one_out=leave_one_out,
             chunk_size=chunk_size,
+            seed=seed,
         )
         self.synthesizer = SupportAnomalySynthesizer(anomalies_per_shot, anomaly_source_path)
         self.class_name = class_name
@@ -308,6 +373,7 @@ class H2VLR(AnomalibModule):
     # -------------------------------------------------------------------------------------------------- data
     def setup(self, stage: str) -> None:
         """Before fitting: name the object class after the datamodule's category and keep the k seeded shots."""
+        super().setup(stage)  # CheckpointGuard: checkpoint files that cannot be read are named in the error
         if stage != "fit":
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -439,9 +505,12 @@ class H2VLR(AnomalibModule):
     def training_step(self, batch: Batch | dict[str, Batch], batch_idx: int) -> STEP_OUTPUT:
         """One SGD step on Eq. 8 over the shots of the batch and their synthetic-anomaly copies."""
         del batch_idx
-        shots = target_batch(batch)
+        _, shots = split_domains(batch)  # cross-domain batches: only the target shots are used
         shot_index = self._shot_index(shots.image_path)
-        synthetic = self.synthesizer(shots.image, shot_index)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # Perlin draws: seeded per step, identical on every rank
+            torch.manual_seed(self.seed * SEED_STRIDE + self.global_step)
+            synthetic = self.synthesizer(shots.image, shot_index)
         losses = self.model.training_losses(synthetic.images, synthetic.masks, synthetic.shot_index, synthetic.clean)
         optimizer = self.optimizers()
         optimizer.zero_grad()
@@ -520,21 +589,19 @@ class H2VLR(AnomalibModule):
         checkpoint[CHECKPOINT_KEY] = record
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild the prompts for the checkpoint's class, restore left-out CLIP weights; refuse other checkpoints."""
-        state_dict = checkpoint.get("state_dict", {})
-        if "model.support_gallery" not in state_dict or CHECKPOINT_KEY not in checkpoint:
-            found = sorted({key.split(".")[1] for key in state_dict if key.startswith("model.")})[:6]
-            msg = (
-                "This checkpoint was not written by H2VLR (no 'model.support_gallery' entry and no H2VLR record; "
-                f"found model parts {found}). Load it with the model class that trained it."
-            )
-            raise ValueError(msg)
-        record = checkpoint[CHECKPOINT_KEY]
-        self.model.set_class_name(record["class_name"])
-        self.shots = list(record.get("shots", []))
-        self._backbone_fingerprint = None
-        if not any(key.startswith(BACKBONE_PREFIX) for key in state_dict):
-            self._restore_backbone_weights(state_dict, record)
+        """Rebuild the prompts for the checkpoint's class and restore left-out CLIP weights, then check the fit.
+
+        The check (:class:`~anomalib_hypergraph.models.checkpoints.CheckpointGuard`) refuses checkpoints of other
+        models and of other architecture options, and names every other option that differs.
+        """
+        record = checkpoint.get(CHECKPOINT_KEY)
+        state_dict = checkpoint.get("state_dict")
+        if isinstance(record, Mapping) and isinstance(state_dict, dict):
+            self.model.set_class_name(record["class_name"])
+            self.shots = list(record.get("shots", []))
+            self._backbone_fingerprint = None
+            if "backbone_fingerprint" in record and not any(key.startswith(BACKBONE_PREFIX) for key in state_dict):
+                self._restore_backbone_weights(state_dict, record)
         super().on_load_checkpoint(checkpoint)
 
     def _restore_backbone_weights(self, state_dict: dict[str, Any], record: Mapping[str, Any]) -> None:
@@ -552,13 +619,3 @@ class H2VLR(AnomalibModule):
         self._backbone_fingerprint = actual
         for name, tensor in self.model.backbone.clip.state_dict().items():
             state_dict[BACKBONE_PREFIX + name] = tensor
-
-
-def target_batch(batch: Batch | dict[str, Batch]) -> Batch:
-    """Return the shots of a training step: the batch itself, or the ``target`` entry of a cross-domain batch."""
-    if isinstance(batch, Mapping):
-        if TARGET not in batch:
-            msg = f"Cross-domain training batches need a '{TARGET}' entry, got keys {sorted(batch)}."
-            raise KeyError(msg)
-        return batch[TARGET]
-    return batch

@@ -119,6 +119,8 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         leave_one_out: during training, match each image against the gallery of the *other* shots (with one shot:
             against itself), so the visual evidence is not trivially zero for re-submitted support images.
         chunk_size: block size of the cosine top-k searches.
+        seed: seed of every random initialisation (random CLIP weights, prompt vectors, hypergraph layers, heads),
+            drawn from a private generator at construction and in :meth:`set_class_name`.
 
     """
 
@@ -157,6 +159,7 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         loss_config: LossConfig | None = None,
         leave_one_out: bool = True,
         chunk_size: int = 4096,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if use_hsr and not use_sghm:
@@ -168,51 +171,54 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         if sigma < 0:
             msg = f"sigma must be >= 0, got {sigma}."
             raise ValueError(msg)
-        if backbone_config is not None:
-            register_open_clip_config(backbone, backbone_config)
-        self.backbone = ClipBackbone(
-            backbone,
-            pretrained=pretrained_tag if pretrained else None,
-            pretrained_weights=pretrained_weights,
-            token_source=token_source,
-            surgery_depth=surgery_depth,
-            gallery_layers=gallery_layers,
-        )
-        self.prompt_options = {
-            "context_init": context_init,
-            "context_length": context_length,
-            "groups": tuple(prompt_groups),
-            "num_local_prompts": num_local_prompts,
-            "local_prompt_tokens": local_prompt_tokens,
-            "use_support_conditioning": use_dsi,
-        }
-        self.class_name = class_name or DEFAULT_CLASS_NAME
-        self.prompts = PromptLearner(self.backbone, self.class_name, **self.prompt_options)
-        self.reasoner: HypergraphReasoner | None = None
-        if use_sghm:
-            self.reasoner = HypergraphReasoner(
-                self.backbone.embed_dim,
-                self.backbone.num_patches,
-                self.prompts.num_prompts,
-                num_layers=num_layers,
-                num_neighbors=num_neighbors,
-                num_semantic_neighbors=num_semantic_neighbors,
-                head_reduction=head_reduction,
-                chunk_size=chunk_size,
+        self.seed = seed
+        with torch.random.fork_rng(devices=[]):  # private generator: the global RNG does not matter
+            torch.manual_seed(seed)
+            if backbone_config is not None:
+                register_open_clip_config(backbone, backbone_config)
+            self.backbone = ClipBackbone(
+                backbone,
+                pretrained=pretrained_tag if pretrained else None,
+                pretrained_weights=pretrained_weights,
+                token_source=token_source,
+                surgery_depth=surgery_depth,
+                gallery_layers=gallery_layers,
             )
-            self.residual_scale = nn.Parameter(torch.tensor(float(residual_scale)))  # beta of Eq. 6
-        self.image_head = HistogramImageHead(histogram_bins, image_head_hidden, image_head_init)
-        self.alpha = alpha
-        self.eta = eta
-        self.use_hsr = use_hsr
-        self.leave_one_out = leave_one_out
-        self.chunk_size = chunk_size
-        self.loss_config = loss_config or LossConfig()
-        self.text_temperature = text_temperature
-        self.blur: GaussianBlur2d | None = None
-        if sigma > 0:
-            kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
-            self.blur = GaussianBlur2d(sigma=(sigma, sigma), channels=1, kernel_size=(kernel_size, kernel_size))
+            self.prompt_options = {
+                "context_init": context_init,
+                "context_length": context_length,
+                "groups": tuple(prompt_groups),
+                "num_local_prompts": num_local_prompts,
+                "local_prompt_tokens": local_prompt_tokens,
+                "use_support_conditioning": use_dsi,
+            }
+            self.class_name = class_name or DEFAULT_CLASS_NAME
+            self.prompts = PromptLearner(self.backbone, self.class_name, **self.prompt_options)
+            self.reasoner: HypergraphReasoner | None = None
+            if use_sghm:
+                self.reasoner = HypergraphReasoner(
+                    self.backbone.embed_dim,
+                    self.backbone.num_patches,
+                    self.prompts.num_prompts,
+                    num_layers=num_layers,
+                    num_neighbors=num_neighbors,
+                    num_semantic_neighbors=num_semantic_neighbors,
+                    head_reduction=head_reduction,
+                    chunk_size=chunk_size,
+                )
+                self.residual_scale = nn.Parameter(torch.tensor(float(residual_scale)))  # beta of Eq. 6
+            self.image_head = HistogramImageHead(histogram_bins, image_head_hidden, image_head_init)
+            self.alpha = alpha
+            self.eta = eta
+            self.use_hsr = use_hsr
+            self.leave_one_out = leave_one_out
+            self.chunk_size = chunk_size
+            self.loss_config = loss_config or LossConfig()
+            self.text_temperature = text_temperature
+            self.blur: GaussianBlur2d | None = None
+            if sigma > 0:
+                kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
+                self.blur = GaussianBlur2d(sigma=(sigma, sigma), channels=1, kernel_size=(kernel_size, kernel_size))
 
         # What inference needs; persistent so that checkpoints reproduce the scores exactly.
         self.register_buffer("support_gallery", torch.empty(0, 0, 0))  # (G, k*N, W), normalised
@@ -262,7 +268,9 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
             return
         device = self.prompt_embeddings.device
         self.class_name = class_name
-        self.prompts = PromptLearner(self.backbone, class_name, **self.prompt_options).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.prompts = PromptLearner(self.backbone, class_name, **self.prompt_options).to(device)
         if self.reasoner is not None:
             self.reasoner.resize_prompts(self.prompts.num_prompts)
         self.prompt_embeddings = self.prompt_embeddings.new_empty(0, 0)
