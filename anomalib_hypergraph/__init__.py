@@ -1,11 +1,12 @@
 """anomalib-hypergraph: hypergraph few-shot anomaly detectors as an anomalib 2.x plugin.
 
-Importing the package makes its models known to anomalib (``anomalib.models.get_model("HyperTrans")``); the stock
+Importing the package makes its models known to anomalib (``anomalib.models.get_model("HyperTrans")``,
+``get_model("H2VLR")``); the stock
 ``anomalib`` command imports it by itself through a start-up hook installed with the package.
 """
 
-from anomalib_hypergraph.models import HyperTrans, HyperTransModel
+from anomalib_hypergraph.models import H2VLR, H2VLRModel, HyperTrans, HyperTransModel
 
 __version__ = "0.1.0"
 
-__all__ = ["HyperTrans", "HyperTransModel", "__version__"]
+__all__ = ["H2VLR", "H2VLRModel", "HyperTrans", "HyperTransModel", "__version__"]

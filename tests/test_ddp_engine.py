@@ -127,9 +127,7 @@ def assert_states_close(actual: dict, expected: dict, atol: float) -> None:
 
 def test_ddp_builds_the_single_process_banks_and_scores(runs: dict[str, Path]) -> None:
     expected = load_state(runs["single"], "equal_state_rank0.pt")
-    assert (
-        expected["model.memory_bank.target_bank"].shape[0] == 8 * 64
-    )  # 1 shot x 8 views x 8 x 8 patches, no padding
+    assert expected["model.memory_bank.target_bank"].shape[0] == 8 * 64  # 1 shot x 8 views x 8 x 8 patches, no padding
     for rank in range(WORLD_SIZE):
         assert_states_close(load_state(runs["ddp"], f"equal_state_rank{rank}.pt"), expected, atol=1e-5)
     expected_scores = json.loads((runs["single"] / "equal_scores_rank0.json").read_text())
