@@ -80,8 +80,11 @@ def train_and_record(output: Path, data_root: Path, category: str, runs: list[st
             cache_dir=data_root.parent / "cache",
         )
         scores = RecordTestScores()
+        # Each rank gets its own root: after the first fit both ranks run this loop concurrently, and anomalib's
+        # Engine creates the next versioned directory in every process (two ranks would race for the same "v0").
+        rank_root = output / run / f"rank{os.environ.get('LOCAL_RANK', '0')}"
         engine = Engine(
-            default_root_dir=output / run,
+            default_root_dir=rank_root,
             accelerator="cpu",
             devices=devices,
             strategy="ddp" if devices > 1 else "auto",
