@@ -9,8 +9,8 @@ once (:meth:`HypergraphMemoryBank.finalize`):
 - rows carry integer keys (e.g. image index * patches + patch): sorting by key and dropping repeated keys undoes the
   rank interleaving and the samples a DistributedSampler repeats to pad the last batch, making the bank identical to
   the one a single process builds. Without keys the order is rank order and repeats are kept;
-- an optional greedy coreset (anomalib's ``KCenterGreedy``) is drawn with a fixed seed, so all ranks (and reruns) pick
-  the same rows.
+- an optional greedy k-center coreset (:mod:`.coreset`, the rule of anomalib's ``KCenterGreedy``, much faster) is
+  drawn with a fixed seed from a private generator, so all ranks (and reruns) pick the same rows.
 
 Banks are persistent buffers named ``f"{domain}_bank"``; anomalib's ``DynamicBufferMixin`` resizes them when a state
 dict of another size is loaded, so a fresh instance can load any checkpoint.
@@ -20,12 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from anomalib.models.components.base import DynamicBufferMixin
-from anomalib.models.components.sampling import KCenterGreedy
 from torch import nn
 
+from anomalib_hypergraph.hypergraph.coreset import DEFAULT_PROJECTION_DIM, greedy_k_center
 from anomalib_hypergraph.hypergraph.distributed import gather_rows
 from anomalib_hypergraph.hypergraph.knn import chunked_knn
 
@@ -38,26 +37,23 @@ def _deduplicate_by_key(features: torch.Tensor, keys: torch.Tensor) -> torch.Ten
     return features[order[first]]
 
 
-def greedy_coreset(features: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
-    """Greedy k-center coreset of ``int(len(features) * ratio)`` rows with anomalib's ``KCenterGreedy``, seeded.
+def greedy_coreset(
+    features: torch.Tensor, ratio: float, seed: int, *, projection_dim: int | None = DEFAULT_PROJECTION_DIM
+) -> torch.Tensor:
+    """Greedy k-center coreset of ``int(len(features) * ratio)`` rows, seeded (see :mod:`.coreset`).
 
-    ``KCenterGreedy`` draws its random projection and first centre from the global torch and NumPy generators; they
-    are seeded with ``seed`` inside a forked state, so the caller's random streams are left untouched.
+    The farthest-point rule of anomalib's ``KCenterGreedy`` (random start, then always the row farthest from the
+    selected ones), computed by :func:`~anomalib_hypergraph.hypergraph.coreset.greedy_k_center`: a seeded Gaussian
+    projection to ``projection_dim`` columns, fused squared distances against cached row norms and several picks per
+    pass; all randomness from a private generator, so the caller's random streams are untouched.
     """
     num_rows = features.shape[0]
-    if int(num_rows * ratio) < 1:
+    num_centers = int(num_rows * ratio)
+    if num_centers < 1:
         msg = f"coreset_ratio={ratio} keeps no row of a {num_rows}-row bank; use a larger ratio or None."
         raise ValueError(msg)
-    numpy_state = np.random.get_state()
-    fork_devices = [] if features.device.type == "cpu" else None
-    try:
-        with torch.random.fork_rng(devices=fork_devices, device_type=features.device.type):
-            torch.manual_seed(seed)
-            np.random.seed(seed)  # sklearn's sampler in KCenterGreedy reads the global NumPy state
-            indices = KCenterGreedy(embedding=features, sampling_ratio=ratio).select_coreset_idxs()
-    finally:
-        np.random.set_state(numpy_state)
-    return features[torch.as_tensor(indices, dtype=torch.long, device=features.device)]
+    indices = greedy_k_center(features, num_centers, seed=seed, projection_dim=projection_dim)
+    return features[indices]
 
 
 class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
