@@ -25,19 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from anomalib_hypergraph.hypergraph.knn import chunked_knn
+from anomalib_hypergraph.hypergraph.knn import chunked_knn, squared_row_norms
 
 DEFAULT_PROJECTION_DIM = 128
 DEFAULT_CANDIDATES = 2048
 _ROW_BLOCK = 16384
-
-
-def _squared_row_norms(rows: torch.Tensor, block: int = _ROW_BLOCK) -> torch.Tensor:
-    """Squared Euclidean norm of every row, block by block (no temporary of the rows' size)."""
-    out = rows.new_empty(rows.shape[0])
-    for start in range(0, rows.shape[0], block):
-        out[start : start + block] = rows[start : start + block].pow(2).sum(dim=1)
-    return out
 
 
 def random_projection(
@@ -97,7 +89,7 @@ def greedy_k_center(
     generator.manual_seed(seed)
     with torch.no_grad():
         projected = random_projection(features, projection_dim, generator, block)
-        squared_norm = _squared_row_norms(projected, block)
+        squared_norm = squared_row_norms(projected, block)
         first = int(torch.randint(num_rows, (1,), generator=generator))
         selected = torch.empty(num_centers, dtype=torch.long)
         selected[0] = first
