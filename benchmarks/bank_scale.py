@@ -14,7 +14,8 @@ read by the workers with one allocation (``numpy.load``), so the memory baseline
 
 Tables:
 
-1. Coreset: greedy k-center (ours: ``greedy_coreset``; anomalib: ``KCenterGreedy``, seeded) at 50k and 200k rows.
+1. Coreset: greedy k-center (ours: ``greedy_coreset`` with its default 256-column projection, and without
+   projection; anomalib: ``KCenterGreedy``, seeded) at 50k and 200k rows.
    anomalib's time for the full 10 % coreset is extrapolated linearly from ``--anomalib-picks`` picks (its cost per pick
    is constant: one pass over the projected bank), marked "extrap.". Coverage radius = max over rows of the Euclidean
    distance to the nearest selected row, in the original 768-d space, at the number of picks both methods ran.
@@ -102,14 +103,16 @@ def worker_coreset(job: dict) -> dict:
     features = torch.from_numpy(np.load(job["bank"]))
     picks = job["picks"]
     started = time.perf_counter()
-    if job["method"] == "ours":
-        if picks == int(features.shape[0] * job["ratio"]):
+    if job["method"] == "ours" and job.get("projection") == "none":
+        indices = greedy_k_center(features, picks, seed=0, projection_dim=None)
+        seconds = time.perf_counter() - started
+    elif job["method"] == "ours":
+        if picks == int(features.shape[0] * job["ratio"]) and not job["radius"]:
             greedy_coreset(features, job["ratio"], seed=0)  # the very call the memory bank makes
-            seconds = time.perf_counter() - started
-            indices = greedy_k_center(features, picks, seed=0) if job["radius"] else None
+            indices = None
         else:
             indices = greedy_k_center(features, picks, seed=0)
-            seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
     else:
         from anomalib.models.components.sampling import KCenterGreedy
 
@@ -259,56 +262,49 @@ def coreset_table(
 ) -> dict[int, float]:
     print(f"\n### Greedy k-center coreset, {ratio:.0%} of the rows, 768-d\n")
     print(
-        "| rows | picks | ours: time (s) | anomalib KCenterGreedy: time (s) | speed-up | radius picks | "
-        "ours radius | anomalib radius | radius ours/anomalib |"
+        "| rows | method | picks | time (s) | speed-up vs anomalib | coverage radius at "
+        f"{radius_picks} picks | radius vs anomalib |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     ours_seconds = {}
     for rows in sizes:
         bank = str(bank_file(cache, rows))
         picks = int(rows * ratio)
-        ours = run_worker(
-            {"kind": "coreset", "bank": bank, "method": "ours", "picks": picks, "ratio": ratio, "radius": False}
-        )
         compare_picks = min(radius_picks, picks)
-        ours_small = run_worker(
-            {"kind": "coreset", "bank": bank, "method": "ours", "picks": compare_picks, "ratio": ratio, "radius": True}
-        )
         theirs_picks = min(anomalib_picks, picks)
+        base = {"kind": "coreset", "bank": bank, "ratio": ratio}
         theirs = run_worker(
-            {
-                "kind": "coreset",
-                "bank": bank,
-                "method": "anomalib",
-                "picks": theirs_picks,
-                "ratio": ratio,
-                "radius": theirs_picks == compare_picks,
-            }
+            {**base, "method": "anomalib", "picks": theirs_picks, "radius": theirs_picks == compare_picks}
         )
-        if theirs_picks < picks:
-            theirs_time = theirs["seconds"] * picks / theirs_picks
-            theirs_label = f"{theirs_time:.1f} (extrap. from {theirs_picks} picks: {theirs['seconds']:.1f})"
-        else:
-            theirs_time = theirs["seconds"]
-            theirs_label = f"{theirs_time:.1f}"
+        theirs_time = theirs["seconds"] * picks / theirs_picks
         if theirs["radius"] is None:
-            theirs = run_worker(
-                {
-                    "kind": "coreset",
-                    "bank": bank,
-                    "method": "anomalib",
-                    "picks": compare_picks,
-                    "ratio": ratio,
-                    "radius": True,
-                }
-            )
-        print(
-            f"| {_rows_label(rows)} | {picks} | {ours['seconds']:.1f} | {theirs_label} | "
-            f"{theirs_time / ours['seconds']:.0f}x | {compare_picks} | {ours_small['radius']:.3f} | "
-            f"{theirs['radius']:.3f} | {ours_small['radius'] / theirs['radius']:.3f} |"
+            theirs["radius"] = run_worker({**base, "method": "anomalib", "picks": compare_picks, "radius": True})[
+                "radius"
+            ]
+        label = (
+            f"{theirs_time:.1f}"
+            if theirs_picks == picks
+            else (f"{theirs_time:.1f} (extrap. from {theirs_picks} picks in {theirs['seconds']:.1f} s)")
         )
+        print(
+            f"| {_rows_label(rows)} | anomalib KCenterGreedy | {picks} | {label} | 1x | "
+            f"{theirs['radius']:.3f} | 1.000 |"
+        )
+        for method, projection, name in (
+            ("ours", None, "ours, greedy_coreset (projection 256)"),
+            ("ours", "none", "ours, no projection"),
+        ):
+            extra = {"projection": projection} if projection else {}
+            ours = run_worker({**base, "method": method, "picks": picks, "radius": False, **extra})
+            small = run_worker({**base, "method": method, "picks": compare_picks, "radius": True, **extra})
+            if projection is None:
+                ours_seconds[rows] = ours["seconds"]
+            print(
+                f"| {_rows_label(rows)} | {name} | {picks} | {ours['seconds']:.1f} | "
+                f"{theirs_time / ours['seconds']:.0f}x | {small['radius']:.3f} | "
+                f"{small['radius'] / theirs['radius']:.3f} |"
+            )
         sys.stdout.flush()
-        ours_seconds[rows] = ours["seconds"]
     return ours_seconds
 
 
