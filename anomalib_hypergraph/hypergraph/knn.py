@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-SQUARED_NORM_BLOCK = 16384  # rows per block when squared row norms are computed
+SQUARED_NORM_BLOCK = 4096  # rows per block when squared row norms are computed
 
 
 def squared_row_norms(rows: torch.Tensor, block: int = SQUARED_NORM_BLOCK) -> torch.Tensor:
