@@ -183,3 +183,15 @@ def test_hypertrans_faiss_flat_scores_equal_exact(images: torch.Tensor) -> None:
 
 def test_backends_listed() -> None:
     assert SEARCH_BACKENDS == ("exact", "faiss_flat", "faiss_ivf", "faiss_hnsw")
+
+
+def test_without_faiss_exact_works_and_faiss_backends_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    with pytest.raises(ImportError, match=r'pip install "anomalib-hypergraph\[faiss\]"'):
+        BankIndex("faiss_flat")
+    with pytest.raises(ImportError, match="faiss"):
+        make_model(search_backend="faiss_hnsw")
+    bank = torch.randn(50, 4)
+    assert BankIndex("exact").search(bank[:2], bank, 1)[1][:, 0].tolist() == [0, 1]
