@@ -364,7 +364,7 @@ def test_memory_bank_state_dict_round_trip_into_fresh_bank() -> None:
     bank.set("source", random_features(7, 5, seed=18))
     bank.set("target", random_features(3, 5, seed=19))
     state = bank.state_dict()
-    assert set(state) == {"source_bank", "target_bank"}
+    assert set(state) == {"source_bank", "target_bank", "source_bank_squared_norm", "target_bank_squared_norm"}
 
     fresh = HypergraphMemoryBank(domains=("source", "target"))
     fresh.load_state_dict(state)

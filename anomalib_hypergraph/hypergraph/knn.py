@@ -4,12 +4,24 @@ Hypergraph construction (one hyperedge per vertex: the vertex and its K nearest 
 (each query patch against a memory bank) both need exact Euclidean k-NN over tens of thousands of 768-d vectors. A
 full ``torch.cdist`` would allocate a Q x R matrix (40 GB for 100k x 100k); here the distances are computed block by
 block (``chunk_size`` query rows x ``chunk_size`` reference rows) while a running top-k per query row is kept, so the
-memory is O(chunk_size^2 + Q * k) whatever the bank size.
+memory is O(chunk_size^2 + Q * k) whatever the bank size. The references' squared norms are taken from the caller
+(a memory bank caches them) or computed block by block, so no temporary of the bank's size is made either.
 """
 
 from __future__ import annotations
 
 import torch
+
+SQUARED_NORM_BLOCK = 4096  # rows per block when squared row norms are computed
+
+
+def squared_row_norms(rows: torch.Tensor, block: int = SQUARED_NORM_BLOCK) -> torch.Tensor:
+    """Squared Euclidean norm of every row of ``rows`` ``(R, C)``, ``(R,)``, computed block by block.
+
+    The same values as ``rows.pow(2).sum(dim=1)`` (each row is reduced the same way), without its ``(R, C)``
+    temporary: the extra memory is one block of rows.
+    """
+    return torch.cat([rows[start : start + block].pow(2).sum(dim=1) for start in range(0, rows.shape[0], block)])
 
 
 def _block_ranking_distances(
@@ -41,6 +53,7 @@ def chunked_knn(
     *,
     chunk_size: int = 2048,
     exclude_self: bool = False,
+    reference_squared_norm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact (brute-force) k nearest neighbours of every query row among the reference rows (Euclidean distance).
 
@@ -56,6 +69,9 @@ def chunked_knn(
         exclude_self: ``query`` and ``reference`` are the same set of vectors and the match of row i with itself is
             excluded (used to build one hyperedge per vertex). Only the index is excluded: an exact duplicate at
             another index is still a neighbour at distance 0.
+        reference_squared_norm: ``(R,)`` squared row norms of ``reference`` if the caller keeps them (a memory bank
+            caches them); None computes them block by block (:func:`squared_row_norms`). Either way no temporary of
+            the reference's size is made.
 
     Returns:
         ``(distances, indices)``, both ``(Q, k)``: distances ascending per row, indices ``int64`` into ``reference``.
@@ -102,7 +118,14 @@ def chunked_knn(
         query_blocks = [query[start : start + chunk_size] for start in query_starts]
     all_distances, all_indices = [], []
     with torch.no_grad():
-        reference_squared_norm = reference.pow(2).sum(dim=1)
+        if reference_squared_norm is None:
+            reference_squared_norm = squared_row_norms(reference)
+        elif reference_squared_norm.shape != (reference.shape[0],):
+            msg = (
+                f"chunked_knn: reference_squared_norm must have shape ({reference.shape[0]},), "
+                f"got {tuple(reference_squared_norm.shape)}."
+            )
+            raise ValueError(msg)
         for query_start, query_block in zip(query_starts, query_blocks, strict=True):
             distances, indices = _knn_of_block(
                 query_block,

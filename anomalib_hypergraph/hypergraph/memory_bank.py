@@ -9,25 +9,26 @@ once (:meth:`HypergraphMemoryBank.finalize`):
 - rows carry integer keys (e.g. image index * patches + patch): sorting by key and dropping repeated keys undoes the
   rank interleaving and the samples a DistributedSampler repeats to pad the last batch, making the bank identical to
   the one a single process builds. Without keys the order is rank order and repeats are kept;
-- an optional greedy coreset (anomalib's ``KCenterGreedy``) is drawn with a fixed seed, so all ranks (and reruns) pick
-  the same rows.
+- an optional greedy k-center coreset (:mod:`.coreset`, the rule of anomalib's ``KCenterGreedy``, much faster) is
+  drawn with a fixed seed from a private generator, so all ranks (and reruns) pick the same rows.
 
-Banks are persistent buffers named ``f"{domain}_bank"``; anomalib's ``DynamicBufferMixin`` resizes them when a state
-dict of another size is loaded, so a fresh instance can load any checkpoint.
+Banks are persistent buffers named ``f"{domain}_bank"``, each with its squared row norms
+``f"{domain}_bank_squared_norm"``, cached once so that a search against the bank makes no temporary of the bank's size
+(a state dict without them, from before the cache, gets them recomputed at load). anomalib's ``DynamicBufferMixin``
+resizes the buffers when a state dict of another size is loaded, so a fresh instance can load any checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from anomalib.models.components.base import DynamicBufferMixin
-from anomalib.models.components.sampling import KCenterGreedy
 from torch import nn
 
+from anomalib_hypergraph.hypergraph.coreset import DEFAULT_PROJECTION_DIM, greedy_k_center
 from anomalib_hypergraph.hypergraph.distributed import gather_rows
-from anomalib_hypergraph.hypergraph.knn import chunked_knn
+from anomalib_hypergraph.hypergraph.knn import chunked_knn, squared_row_norms
 
 
 def _deduplicate_by_key(features: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -38,26 +39,30 @@ def _deduplicate_by_key(features: torch.Tensor, keys: torch.Tensor) -> torch.Ten
     return features[order[first]]
 
 
-def greedy_coreset(features: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
-    """Greedy k-center coreset of ``int(len(features) * ratio)`` rows with anomalib's ``KCenterGreedy``, seeded.
+def _bank_squared_norm(bank: torch.Tensor) -> torch.Tensor:
+    """Squared row norms of a bank, ``(rows,)``; empty for the ``(0, 0)`` placeholder."""
+    if bank.ndim != 2 or bank.shape[0] == 0:
+        return bank.new_empty(0)
+    return squared_row_norms(bank)
 
-    ``KCenterGreedy`` draws its random projection and first centre from the global torch and NumPy generators; they
-    are seeded with ``seed`` inside a forked state, so the caller's random streams are left untouched.
+
+def greedy_coreset(
+    features: torch.Tensor, ratio: float, seed: int, *, projection_dim: int | None = DEFAULT_PROJECTION_DIM
+) -> torch.Tensor:
+    """Greedy k-center coreset of ``int(len(features) * ratio)`` rows, seeded (see :mod:`.coreset`).
+
+    The farthest-point rule of anomalib's ``KCenterGreedy`` (random start, then always the row farthest from the
+    selected ones), computed by :func:`~anomalib_hypergraph.hypergraph.coreset.greedy_k_center`: a seeded Gaussian
+    projection to ``projection_dim`` columns, fused squared distances against cached row norms and several picks per
+    pass; all randomness from a private generator, so the caller's random streams are untouched.
     """
     num_rows = features.shape[0]
-    if int(num_rows * ratio) < 1:
+    num_centers = int(num_rows * ratio)
+    if num_centers < 1:
         msg = f"coreset_ratio={ratio} keeps no row of a {num_rows}-row bank; use a larger ratio or None."
         raise ValueError(msg)
-    numpy_state = np.random.get_state()
-    fork_devices = [] if features.device.type == "cpu" else None
-    try:
-        with torch.random.fork_rng(devices=fork_devices, device_type=features.device.type):
-            torch.manual_seed(seed)
-            np.random.seed(seed)  # sklearn's sampler in KCenterGreedy reads the global NumPy state
-            indices = KCenterGreedy(embedding=features, sampling_ratio=ratio).select_coreset_idxs()
-    finally:
-        np.random.set_state(numpy_state)
-    return features[torch.as_tensor(indices, dtype=torch.long, device=features.device)]
+    indices = greedy_k_center(features, num_centers, seed=seed, projection_dim=projection_dim)
+    return features[indices]
 
 
 class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
@@ -85,6 +90,7 @@ class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
                 msg = f"HypergraphMemoryBank domain names must be Python identifiers, got {domain!r}."
                 raise ValueError(msg)
             self.register_buffer(self._buffer_name(domain), torch.empty(0, 0))
+            self.register_buffer(self._norm_buffer_name(domain), torch.empty(0))
         self._domains = domains
         self._staged_features: dict[str, list[torch.Tensor]] = {domain: [] for domain in domains}
         self._staged_keys: dict[str, list[torch.Tensor]] = {domain: [] for domain in domains}
@@ -92,6 +98,34 @@ class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
     @staticmethod
     def _buffer_name(domain: str) -> str:
         return f"{domain}_bank"
+
+    @staticmethod
+    def _norm_buffer_name(domain: str) -> str:
+        return f"{domain}_bank_squared_norm"
+
+    def _load_from_state_dict(  # noqa: PLR0917 - torch's signature
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Recompute the squared row norms of banks whose state dict has none (checkpoints from before the cache)."""
+        for domain in self._domains:
+            bank_key = prefix + self._buffer_name(domain)
+            norm_key = prefix + self._norm_buffer_name(domain)
+            if bank_key in state_dict and norm_key not in state_dict:
+                state_dict[norm_key] = _bank_squared_norm(state_dict[bank_key])
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def recomputed_state_keys(self) -> tuple[str, ...]:
+        """State entries (relative to this module) that a state dict may lack: they are rebuilt from the banks."""
+        return tuple(self._norm_buffer_name(domain) for domain in self._domains)
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -189,12 +223,26 @@ class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
         if features.ndim != 2:
             msg = f"HypergraphMemoryBank.set expects features of shape (rows, C), got {tuple(features.shape)}."
             raise ValueError(msg)
-        setattr(self, self._buffer_name(domain), features.detach().contiguous())
+        bank = features.detach().contiguous()
+        setattr(self, self._buffer_name(domain), bank)
+        setattr(self, self._norm_buffer_name(domain), _bank_squared_norm(bank))
 
     def get(self, domain: str) -> torch.Tensor:
         """Return the stored bank of ``domain`` (``(0, 0)`` before anything was stored)."""
         self._check_domain(domain)
         return getattr(self, self._buffer_name(domain))
+
+    def squared_norm(self, domain: str) -> torch.Tensor:
+        """Return the cached squared row norms ``(rows,)`` of the bank of ``domain`` (a persistent buffer).
+
+        Recomputed (block by block) if the bank was replaced without them, e.g. a buffer assigned directly.
+        """
+        bank = self.get(domain)
+        norm = getattr(self, self._norm_buffer_name(domain))
+        if norm.shape != (bank.shape[0],) or norm.dtype != bank.dtype or norm.device != bank.device:
+            norm = _bank_squared_norm(bank)
+            setattr(self, self._norm_buffer_name(domain), norm)
+        return norm
 
     def has(self, domain: str) -> bool:
         """Whether the bank of ``domain`` holds at least one row."""
@@ -208,7 +256,9 @@ class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
             msg = f"HypergraphMemoryBank.nearest: the {domain!r} bank is empty."
             raise RuntimeError(msg)
         bank = self.get(domain)
-        return chunked_knn(query.to(bank.dtype), bank, k, chunk_size=chunk_size)
+        return chunked_knn(
+            query.to(bank.dtype), bank, k, chunk_size=chunk_size, reference_squared_norm=self.squared_norm(domain)
+        )
 
     def extra_repr(self) -> str:
         """Bank sizes, e.g. ``source=(1200, 768), target=(784, 768)``."""

@@ -259,11 +259,26 @@ def _dynamic_buffer_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def _recomputed_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that modules rebuild at load when a checkpoint lacks them (``recomputed_state_keys()``).
+
+    E.g. the squared row norms a memory bank caches next to each bank: checkpoints written before the cache existed
+    still load.
+    """
+    keys: set[str] = set()
+    for module_name, module in model.named_modules():
+        recomputed = getattr(module, "recomputed_state_keys", None)
+        if callable(recomputed):
+            prefix = f"{module_name}." if module_name else ""
+            keys.update(f"{prefix}{name}" for name in recomputed())
+    return keys
+
+
 def _state_dict_misfit(state_dict: Mapping[str, Any], model: nn.Module) -> list[str]:
     """Why ``state_dict`` cannot be loaded strictly into ``model``: missing, unexpected and other-shape entries."""
     own = model.state_dict()
     resizable = _dynamic_buffer_keys(model)
-    missing = sorted(set(own) - set(state_dict))
+    missing = sorted(set(own) - set(state_dict) - _recomputed_keys(model))
     unexpected = sorted(set(state_dict) - set(own))
     reshaped = sorted(
         f"{key} {tuple(state_dict[key].shape)} vs {tuple(own[key].shape)}"

@@ -80,6 +80,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "coreset_sampling_ratio",
             "dropout",
             "chunk_size",
+            "search_backend",  # memory/speed; the approximate backends (IVF, HNSW) may move scores by missed neighbours
             "seed",
             "shot_augmentation",  # shapes the banks, which the checkpoint holds
             "domain_weighting",  # sets the source weight, a buffer the checkpoint holds
@@ -122,6 +123,8 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
             mirror images of every shot; ``"none"``: the shots as they are (the paper).
         sigma: Gaussian smoothing of the anomaly map (paper: 4).
         chunk_size: rows per block in distance computations.
+        search_backend: bank search, ``"exact"`` (default), ``"faiss_flat"`` (exact), ``"faiss_ivf"`` or
+            ``"faiss_hnsw"`` (approximate, huge banks; ``pip install "anomalib-hypergraph[faiss]"``).
         use_domain_perturbation: ablation switch for DP (Table 3).
         use_rectification: ablation switch for HDR (Table 3).
         use_cross_domain_scoring: ablation switch for CDS (Table 3).
@@ -165,6 +168,7 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
         shot_augmentation: str = "dihedral",
         sigma: float = 4.0,
         chunk_size: int = 2048,
+        search_backend: str = "exact",
         use_domain_perturbation: bool = True,
         use_rectification: bool = True,
         use_cross_domain_scoring: bool = True,
@@ -217,6 +221,7 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
             shot_augmentation=shot_augmentation,
             sigma=sigma,
             chunk_size=chunk_size,
+            search_backend=search_backend,
             use_domain_perturbation=use_domain_perturbation,
             use_rectification=use_rectification,
             use_cross_domain_scoring=use_cross_domain_scoring,

@@ -41,6 +41,7 @@ from anomalib_hypergraph.backbones import PatchFeatureExtractor
 from anomalib_hypergraph.data.domains import SOURCE, TARGET
 from anomalib_hypergraph.hypergraph import (
     AttachedHyperedges,
+    BankIndex,
     HypergraphMemoryBank,
     IncidenceKernel,
     bank_hypergraph,
@@ -110,6 +111,10 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             shot also covers the orientations a part takes on the line; ``"none"``: the shots as they are (the paper).
         sigma: Gaussian smoothing of the upsampled anomaly map (paper: 4).
         chunk_size: rows per block in every distance computation (memory vs speed).
+        search_backend: how the per-domain banks are searched (:class:`~anomalib_hypergraph.hypergraph.BankIndex`):
+            ``"exact"`` (default, our chunked brute force), ``"faiss_flat"`` (exact, faiss), ``"faiss_ivf"`` or
+            ``"faiss_hnsw"`` (approximate, for huge banks). The faiss ones need ``pip install
+            "anomalib-hypergraph[faiss]"``; their indexes are rebuilt from the banks (checkpoints hold only tensors).
         use_domain_perturbation: ablation switch for DP (adapters are then absent).
         use_rectification: ablation switch for HDR (banks and queries are then used as extracted).
         use_cross_domain_scoring: ablation switch for CDS (off: one nearest-neighbour bank, the union of both).
@@ -140,6 +145,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         shot_augmentation: ShotAugmentation = "dihedral",
         sigma: float = 4.0,
         chunk_size: int = 2048,
+        search_backend: str = "exact",
         use_domain_perturbation: bool = True,
         use_rectification: bool = True,
         use_cross_domain_scoring: bool = True,
@@ -196,6 +202,11 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             enabled_cross_domain=use_cross_domain_scoring,
         )
         self.memory_bank = HypergraphMemoryBank(domains=(SOURCE, TARGET))
+        # Derived search state per domain bank (plain objects, not in the state dict; rebuilt when a bank changes).
+        self.search_backend = search_backend
+        self._bank_indexes = {
+            domain: BankIndex(search_backend, chunk_size=chunk_size, seed=seed) for domain in (SOURCE, TARGET)
+        }
 
         # What inference needs after training, per domain; persistent so that checkpoints reproduce test scores.
         for domain in DOMAINS:
@@ -424,6 +435,9 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
     def _search_banks(self, rows: torch.Tensor, domains: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per domain, exact distances (ascending) and indices of the nearest raw bank rows of every row.
 
+        The search goes through the domain's :class:`BankIndex` (``search_backend``); with an approximate backend the
+        rows found may miss some of the true nearest, their distances are still exact.
+
         ``num_neighbors + SHORTLIST_MARGIN`` rows are kept: the search ranks candidates by a fast expansion of the
         squared distance and then recomputes exact distances, so taking the K nearest from a slightly longer exact list
         makes the choice immune to rounding (a query equal to a bank vertex gets exactly that vertex's hyperedge).
@@ -432,7 +446,8 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         for domain in domains:
             bank = self.memory_bank.get(domain)
             k = min(self.num_neighbors + SHORTLIST_MARGIN, bank.shape[0])
-            searches.append(chunked_knn(rows, bank, k, chunk_size=self.chunk_size))
+            index = self._bank_indexes[domain]
+            searches.append(index.search(rows, bank, k, squared_norm=self.memory_bank.squared_norm(domain)))
         return searches
 
     def _joint_members(
@@ -459,7 +474,8 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
     def score_against_bank(self, images: torch.Tensor, bank: torch.Tensor) -> InferenceBatch:
         """Target-only nearest-neighbour scores against a given bank, without rectification.
 
-        For progress checks before the banks are built (validation during stage 1, against the embedded shots).
+        For progress checks before the banks are built (validation during stage 1, against the embedded shots). The
+        bank is small and new at every call, so it is searched exactly whatever ``search_backend`` is.
         """
         features = self.extract(images)
         batch_size, _, height, width = features.shape
