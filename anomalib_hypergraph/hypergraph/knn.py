@@ -32,8 +32,7 @@ def _block_ranking_distances(
     Ordering the references of a query row by it is ordering them by distance; one matrix product per block and no
     square root. Only used to select candidates; the returned distances come from :func:`_exact_distances`.
     """
-    block = reference_squared_norm[None, :].repeat(query_block.shape[0], 1)
-    return block.addmm_(query_block, reference_block.T, alpha=-2.0)
+    return torch.addmm(reference_squared_norm[None, :], query_block, reference_block.T, alpha=-2.0)  # norms broadcast
 
 
 def _exact_distances(query: torch.Tensor, reference: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
