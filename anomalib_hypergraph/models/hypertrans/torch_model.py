@@ -450,23 +450,28 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             searches.append(index.search(rows, bank, k, squared_norm=self.memory_bank.squared_norm(domain)))
         return searches
 
+    def _joint_nearest(
+        self, searches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the per-domain candidate distances side by side ``(Q, sum of k)`` and where the K nearest are."""
+        distances = torch.cat([d for d, _ in searches], dim=1)
+        _, position = torch.topk(distances, min(self.num_neighbors, distances.shape[1]), dim=1, largest=False)
+        return distances, position
+
     def _joint_members(
         self, searches: Sequence[tuple[torch.Tensor, torch.Tensor]], sizes: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the K nearest rows over all domains: distances and indices into the concatenated banks, (Q, K)."""
         offsets = [sum(sizes[:position]) for position in range(len(sizes))]
-        distances = torch.cat([d for d, _ in searches], dim=1)
+        distances, position = self._joint_nearest(searches)
         index = torch.cat([i + offset for (_, i), offset in zip(searches, offsets, strict=True)], dim=1)
-        members, position = torch.topk(distances, min(self.num_neighbors, distances.shape[1]), dim=1, largest=False)
-        return members, torch.gather(index, 1, position)
+        return torch.gather(distances, 1, position), torch.gather(index, 1, position)
 
     def _attached_hyperedges(
         self, searches: Sequence[tuple[torch.Tensor, torch.Tensor]], degrees: Sequence[torch.Tensor]
     ) -> AttachedHyperedges:
         """Attached hyperedge of every searched row: its K nearest bank vertices over all domains (Eq. 8 rows)."""
-        distances = torch.cat([d for d, _ in searches], dim=1)
-        k = min(self.num_neighbors, distances.shape[1])
-        _, position = torch.topk(distances, k, dim=1, largest=False)
+        distances, position = self._joint_nearest(searches)
         chosen = torch.zeros_like(distances).scatter_(1, position, 1.0)
         incidence = (self.kernel(distances) * chosen).split([d.shape[1] for d, _ in searches], dim=1)
         return AttachedHyperedges.from_neighbours([i for _, i in searches], list(incidence), list(degrees))
