@@ -108,6 +108,15 @@ def test_other_sigma_loads_with_a_warning_and_its_own_blur(checkpoint: dict, cap
     assert torch.equal(model.model.rectified_target, state["model.rectified_target"])  # everything else loaded
 
 
+def test_checkpoint_holding_the_older_2d_blur_kernel_still_loads(checkpoint: dict, tmp_path: Path) -> None:
+    saved = torch.load(checkpoint["path"], weights_only=False)
+    saved["state_dict"]["model.scorer.blur.kernel"] = torch.rand(1, 1, 33, 33)  # what 2-D blur checkpoints held
+    older = tmp_path / "older.ckpt"
+    torch.save(saved, older)
+    model = HyperTrans.load_from_checkpoint(older)
+    assert torch.equal(model.model.rectified_target, saved["state_dict"]["model.rectified_target"])
+
+
 def test_inert_options_are_not_warned_about(checkpoint: dict, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger=LOGGER):
         HyperTrans.load_from_checkpoint(checkpoint["path"], epochs_rectification=50, chunk_size=64, seed=3)

@@ -103,8 +103,24 @@ def test_chunked_knn_only_computes_blocks(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(knn_module, "_block_ranking_distances", recording_block)
     features = random_features(1000, 16, seed=5)
     SoftHypergraph.from_knn(features, 10, chunk_size=128)
-    assert len(block_shapes) == 8 * 8  # ceil(1000 / 128) blocks per side
-    assert max(max(shape) for shape in block_shapes) == 128
+    assert max(rows for rows, _ in block_shapes) == 128  # query rows per block
+    assert max(rows * columns for rows, columns in block_shapes) <= 128 * 128  # the block budget
+    assert sum(rows * columns for rows, columns in block_shapes) == 1000 * 1000  # every pair once, none twice
+    assert any(columns > 128 for _, columns in block_shapes)  # the short last query block walks longer blocks
+
+
+@pytest.mark.parametrize("columns", [7, 64, 203, 4096])
+def test_smallest_per_row_equals_topk_with_ties_and_ragged_groups(columns: int) -> None:
+    generator = torch.Generator().manual_seed(columns)
+    values = torch.randint(0, 40, (33, columns), generator=generator).float()  # many equal entries
+    values[0] = torch.inf  # a row without any finite entry
+    values[1, :] = 3.0  # a constant row
+    k = min(6, columns)
+    smallest, where = knn_module.smallest_per_row(values, k)
+    expected, _ = torch.topk(values, k, dim=1, largest=False)
+    assert torch.equal(smallest, expected)
+    assert torch.equal(values.gather(1, where), smallest)  # the columns hold those values
+    assert bool((where.sort(dim=1).values.diff(dim=1) > 0).all())  # no column twice
 
 
 def test_from_knn_never_allocates_n_by_n() -> None:

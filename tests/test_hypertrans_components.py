@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
 from anomalib_hypergraph.hypergraph import (
@@ -29,6 +30,7 @@ from anomalib_hypergraph.models.hypertrans.rectification import (
     train_rectifier,
 )
 from anomalib_hypergraph.models.hypertrans.scoring import CrossDomainScorer
+from anomalib_hypergraph.models.smoothing import SeparableGaussianBlur, gaussian_kernel_size
 
 
 def lag_one_correlation(values: torch.Tensor) -> float:
@@ -399,3 +401,15 @@ def test_scorer_without_cross_domain_uses_the_nearer_bank() -> None:
     score, patch_map = CrossDomainScorer(enabled_cross_domain=False).patch_maps(target, source, kernel)
     assert torch.allclose(patch_map[:, 0], kernel.defect(torch.minimum(target, source)))
     assert torch.allclose(score, patch_map.amax(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("sigma", [4.0, 1.5])
+def test_separable_blur_equals_anomalibs_gaussian_blur(sigma: float) -> None:
+    size = gaussian_kernel_size(sigma)
+    reference = GaussianBlur2d(sigma=(sigma, sigma), channels=2, kernel_size=(size, size))
+    maps = torch.rand(3, 2, 64, 48, generator=torch.Generator().manual_seed(0))
+    maps[0, 0, 10, 20] = 50.0  # a sharp peak: any wrong tap or border would show
+    blurred = SeparableGaussianBlur(sigma)(maps)
+    assert blurred.shape == maps.shape
+    assert torch.allclose(blurred, reference(maps), atol=1e-5)
+    assert "kernel" not in SeparableGaussianBlur(sigma).state_dict()  # derived from sigma, not stored

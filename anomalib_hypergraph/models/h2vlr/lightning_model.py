@@ -119,7 +119,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "save_backbone_weights",
         }
     ),
-    derived_state_keys=("model.blur.kernel",),
+    derived_state_keys=("model.blur.kernel",),  # the 2-D blur kernel older checkpoints hold
 )
 
 

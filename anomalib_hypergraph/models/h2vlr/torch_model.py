@@ -31,11 +31,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
-from anomalib.models.components import GaussianBlur2d
 from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 
 from anomalib_hypergraph.backbones import ClipBackbone, register_open_clip_config
+from anomalib_hypergraph.models.smoothing import SeparableGaussianBlur
 
 from .losses import (
     H2VLRLosses,
@@ -215,10 +215,7 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
             self.chunk_size = chunk_size
             self.loss_config = loss_config or LossConfig()
             self.text_temperature = text_temperature
-            self.blur: GaussianBlur2d | None = None
-            if sigma > 0:
-                kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
-                self.blur = GaussianBlur2d(sigma=(sigma, sigma), channels=1, kernel_size=(kernel_size, kernel_size))
+            self.blur = SeparableGaussianBlur(sigma) if sigma > 0 else None
 
         # What inference needs; persistent so that checkpoints reproduce the scores exactly.
         self.register_buffer("support_gallery", torch.empty(0, 0, 0))  # (G, k*N, W), normalised

@@ -86,7 +86,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "domain_weighting",  # sets the source weight, a buffer the checkpoint holds
         }
     ),
-    derived_state_keys=("model.scorer.blur.kernel",),
+    derived_state_keys=("model.scorer.blur.kernel",),  # the 2-D blur kernel older checkpoints hold
 )
 
 

@@ -24,10 +24,10 @@ from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalib.models.components import GaussianBlur2d
 from torch import nn
 
 from anomalib_hypergraph.hypergraph import IncidenceKernel
+from anomalib_hypergraph.models.smoothing import SeparableGaussianBlur
 
 DomainWeighting = Literal["evidence", "fixed"]
 ImageScore = Literal["top_mean", "max"]
@@ -89,8 +89,7 @@ class CrossDomainScorer(nn.Module):
         self.image_score = image_score
         self.top_fraction = top_fraction
         self.enabled_cross_domain = enabled_cross_domain
-        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
-        self.blur = GaussianBlur2d(sigma=(sigma, sigma), channels=1, kernel_size=(kernel_size, kernel_size))
+        self.blur = SeparableGaussianBlur(sigma)
         self.register_buffer("source_weight", torch.zeros(()))
         self.source_weight: torch.Tensor
 
