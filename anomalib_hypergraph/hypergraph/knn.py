@@ -44,7 +44,7 @@ def smallest_per_row(values: torch.Tensor, k: int, group: int = PREFILTER_GROUP)
     """Return the ``k`` smallest entries of every row of ``values`` ``(Q, C)``, ascending, with their columns.
 
     Same result as ``torch.topk(values, k, largest=False)`` (up to which of several equal entries is returned), about
-    twice as fast on a CPU for long rows. The columns are dealt into ``C // group`` interleaved groups of ``group``
+    twice as fast on a CPU for long rows. The columns are dealt into ``G = C // group`` interleaved groups of ``group``
     columns (column ``c`` in group ``c mod G``); one elementwise minimum over the groups' members, a top-k over the
     ``G`` group minima, then a top-k over the ``k * group`` members of the chosen groups (plus the ``C mod group`` last
     columns that fall in no group). Exact: every one of the k smallest entries lies in a group whose minimum is at most
