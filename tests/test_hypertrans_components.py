@@ -30,7 +30,7 @@ from anomalib_hypergraph.models.hypertrans.rectification import (
     train_rectifier,
 )
 from anomalib_hypergraph.models.hypertrans.scoring import CrossDomainScorer
-from anomalib_hypergraph.models.smoothing import SeparableGaussianBlur, gaussian_kernel_size
+from anomalib_hypergraph.models.smoothing import SeparableGaussianBlur
 
 
 def lag_one_correlation(values: torch.Tensor) -> float:
@@ -405,11 +405,15 @@ def test_scorer_without_cross_domain_uses_the_nearer_bank() -> None:
 
 @pytest.mark.parametrize("sigma", [4.0, 1.5])
 def test_separable_blur_equals_anomalibs_gaussian_blur(sigma: float) -> None:
-    size = gaussian_kernel_size(sigma)
-    reference = GaussianBlur2d(sigma=(sigma, sigma), channels=2, kernel_size=(size, size))
+    reference = GaussianBlur2d(sigma=(sigma, sigma), channels=2)  # anomalib's own kernel width
     maps = torch.rand(3, 2, 64, 48, generator=torch.Generator().manual_seed(0))
     maps[0, 0, 10, 20] = 50.0  # a sharp peak: any wrong tap or border would show
     blurred = SeparableGaussianBlur(sigma)(maps)
     assert blurred.shape == maps.shape
     assert torch.allclose(blurred, reference(maps), atol=1e-5)
     assert "kernel" not in SeparableGaussianBlur(sigma).state_dict()  # derived from sigma, not stored
+
+
+def test_scorer_refuses_a_non_positive_sigma() -> None:
+    with pytest.raises(ValueError, match=r"sigma must be positive, got 0\.0"):
+        CrossDomainScorer(sigma=0.0)

@@ -142,7 +142,8 @@ def chunked_knn(
     num_query = query.shape[0]
     # Under torch.export (ONNX) the queries form one block, so that the batch size stays a dynamic axis; the bank
     # (fixed size) is still walked in chunks, so memory stays O(Q * chunk_size).
-    if torch.compiler.is_exporting() and not exclude_self:
+    exporting = torch.compiler.is_exporting()
+    if exporting and not exclude_self:
         query_starts = [0]
         query_blocks = [query]
     else:
@@ -160,7 +161,6 @@ def chunked_knn(
             raise ValueError(msg)
         for query_start, query_block in zip(query_starts, query_blocks, strict=True):
             # Under export the query count is symbolic: reference blocks then keep chunk_size rows.
-            exporting = torch.compiler.is_exporting()
             reference_chunk = chunk_size if exporting else max(chunk_size, chunk_size**2 // query_block.shape[0])
             distances, indices = _knn_of_block(
                 query_block,

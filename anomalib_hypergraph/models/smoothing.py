@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import torch
+from anomalib.models.components.filters.blur import compute_kernel_size
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
-
-
-def gaussian_kernel_size(sigma: float) -> int:
-    """Odd kernel width covering +-4 sigma, anomalib's rule (``compute_kernel_size``), so the maps match PatchCore's."""
-    return 2 * int(4.0 * sigma + 0.5) + 1
 
 
 class SeparableGaussianBlur(nn.Module):
@@ -30,7 +26,7 @@ class SeparableGaussianBlur(nn.Module):
         if sigma <= 0:
             msg = f"Gaussian blur sigma must be positive, got {sigma}."
             raise ValueError(msg)
-        size = gaussian_kernel_size(sigma)
+        size = compute_kernel_size(sigma)  # anomalib's width (+-4 sigma), so the maps match PatchCore's
         offsets = torch.arange(size, dtype=torch.float32) - size // 2
         kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
         self.register_buffer("kernel", kernel / kernel.sum(), persistent=False)

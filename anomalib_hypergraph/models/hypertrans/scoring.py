@@ -81,9 +81,6 @@ class CrossDomainScorer(nn.Module):
         if not 0.0 < top_fraction <= 1.0:
             msg = f"top_fraction must be in (0, 1], got {top_fraction}."
             raise ValueError(msg)
-        if sigma <= 0:
-            msg = f"CrossDomainScorer sigma must be positive, got {sigma}."
-            raise ValueError(msg)
         self.beta = beta
         self.domain_weighting = domain_weighting
         self.image_score = image_score
