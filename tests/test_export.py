@@ -101,14 +101,19 @@ def test_a_second_export_into_one_folder_is_refused_and_the_first_kept(trained: 
 def test_a_successful_onnx_export_keeps_its_log_short(
     trained: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """anomalib asks for opset 14; torch builds 18 and its down-conversion failed with a long logged traceback."""
+    """anomalib asks for opset 14: torch builds 18, and the failed down-conversion logged a long traceback.
+
+    The ``anomalib`` command logs at info level, where the ONNX optimiser adds some 400 lines of its own.
+    """
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         exported = trained["engine"].export(
             model=trained["model"], export_type=ExportType.ONNX, export_root=tmp_path, ckpt_path=trained["checkpoint"]
         )
     with_traceback = [record.getMessage() for record in caplog.records if record.exc_info]
     assert not with_traceback, with_traceback[0][:300]
+    optimiser_lines = [record for record in caplog.records if record.name.startswith(("onnxscript", "onnx_ir"))]
+    assert not optimiser_lines, f"{len(optimiser_lines)} lines, e.g. {optimiser_lines[0].getMessage()[:200]}"
     opsets = {entry.domain: entry.version for entry in onnx.load(str(exported)).opset_import}
     assert opsets[""] == 18

@@ -20,13 +20,16 @@ makes three promises for every ``Engine`` / ``anomalib`` command run:
 3. **An export never replaces an earlier one.** ``to_torch``/``to_onnx``/``to_openvino`` (what ``anomalib export``
    calls) stop with a :class:`RunOutputError` when the file they would write exists. ONNX is requested at
    :data:`EXPORT_ONNX_OPSET`, the opset torch's exporter builds graphs in, so a successful export does not log the
-   version converter's failed down-conversion (anomalib asks for opset 14).
+   version converter's failed down-conversion (anomalib asks for opset 14), and the info lines of the ONNX graph
+   optimiser (:data:`ONNX_OPTIMISER_LOGGERS`, some 400 records per export under the ``anomalib`` command) are held
+   back during the export: its warnings and errors still show.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,9 @@ logger = logging.getLogger(__name__)
 # The ONNX opset of torch's (dynamo) exporter's operator library: graphs are built in it, and any other request is
 # converted afterwards (a lower one fails for some of our ops, leaving 18 and a long traceback in the log).
 EXPORT_ONNX_OPSET = 18
+# Loggers of torch's ONNX graph optimiser (onnxscript) and its IR passes: one info line per folded constant, removed
+# node and deduplicated initialiser.
+ONNX_OPTIMISER_LOGGERS = ("onnxscript", "onnx_ir")
 
 # The loops whose data a Lightning stage reads, and the dataset attributes of an anomalib datamodule that each
 # loader hook returns (anomalib's ``predict_dataloader`` is its test loader).
@@ -164,6 +170,20 @@ def check_export_target(export_root: str | Path, export_type: ExportType, model_
         raise RunOutputError(msg)
 
 
+@contextmanager
+def quiet_onnx_optimiser() -> Iterator[None]:
+    """Within the block, the ONNX optimiser's loggers pass warnings and errors only."""
+    loggers = [logging.getLogger(name) for name in ONNX_OPTIMISER_LOGGERS]
+    levels = [optimiser_logger.level for optimiser_logger in loggers]
+    for optimiser_logger in loggers:
+        optimiser_logger.setLevel(max(optimiser_logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for optimiser_logger, level in zip(loggers, levels, strict=True):
+            optimiser_logger.setLevel(level)
+
+
 class RunGuard:
     """Mixin for ``AnomalibModule`` subclasses: full-range, checked images in every run; no output overwritten.
 
@@ -196,10 +216,11 @@ class RunGuard:
         input_size: tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> Path:
-        """Export like anomalib (ONNX) at :data:`EXPORT_ONNX_OPSET` unless asked otherwise; never overwrite."""
+        """Export like anomalib (ONNX) at :data:`EXPORT_ONNX_OPSET` unless asked otherwise; short log, no overwrite."""
         check_export_target(export_root, ExportType.ONNX, model_file_name)
         kwargs.setdefault("opset_version", EXPORT_ONNX_OPSET)
-        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+        with quiet_onnx_optimiser():
+            return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     def to_openvino(self, export_root: Path | str, model_file_name: str = "model", *args: Any, **kwargs: Any) -> Path:
         """Export like anomalib (OpenVINO, through :meth:`to_onnx`), refusing to overwrite an earlier export."""
