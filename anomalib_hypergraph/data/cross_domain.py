@@ -8,6 +8,9 @@ beside it. Training batches follow the contract of :mod:`~anomalib_hypergraph.da
 images with their masks. :class:`~anomalib_hypergraph.data.MVTec3DCrossDomain` is the MVTec 3D-AD special case.
 """
 
+import os
+from collections.abc import Mapping
+
 from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.utils.attrs import get_nested_attr
@@ -49,7 +52,8 @@ class CrossDomainDataModule(FewShot):
         shots: Paths of the chosen target images (after ``setup``), sorted.
 
     Raises:
-        ValueError: ``source`` and ``target`` are the same datamodule.
+        ValueError: ``source`` and ``target`` are the same datamodule; at setup, the source training images include
+            images of the target (e.g. two datamodules of one folder, see :func:`check_domains_share_no_image`).
 
     """
 
@@ -105,6 +109,7 @@ class CrossDomainDataModule(FewShot):
             raise ValueError(msg)
         self.source_train_data = self.source.train_data.subsample(source_normals.tolist())
         super()._setup(_stage)
+        check_domains_share_no_image(self.source, self.source_train_data, self.target, super().datasets_to_read())
         self.target_train_data = self.train_data
 
     def _setup_source(self, stage: str | None) -> None:
@@ -139,3 +144,33 @@ class CrossDomainDataModule(FewShot):
     def train_dataloader(self) -> dict[str, DataLoader]:
         """``{"source": all source normals, "target": the k target shots}``, both shuffled."""
         return {SOURCE: self._train_loader(self.source_train_data), TARGET: self._train_loader(self.target_train_data)}
+
+
+def check_domains_share_no_image(
+    source: AnomalibDataModule,
+    source_images: AnomalibDataset,
+    target: AnomalibDataModule,
+    target_datasets: Mapping[str, AnomalibDataset | None],
+) -> None:
+    """Refuse a pair whose source training images include target images (the files, resolved, not the objects).
+
+    Two datamodule objects of one folder (what every CLI config of a pair with equal roots makes) pass the identity
+    check at construction; they would put the target shots into the source bank and the target's test images too.
+
+    Raises:
+        ValueError: a resolved file is both a source training image and a target shot, test or validation image.
+
+    """
+    source_files = {os.path.realpath(path) for path in source_images.samples["image_path"].astype(str)}
+    for role, dataset in target_datasets.items():
+        if dataset is None or len(dataset) == 0:
+            continue
+        shared = [path for path in dataset.samples["image_path"].astype(str) if os.path.realpath(path) in source_files]
+        if shared:
+            msg = (
+                f"The source {describe_datamodule(source)} and the target {describe_datamodule(target)} read the same "
+                f"files: {len(shared)} of the target's {len(dataset)} {role} images are source training images too "
+                f"(e.g. '{shared[0]}'). A cross-domain pair needs different images per domain (e.g. one folder per "
+                "camera); for one domain only, use FewShot."
+            )
+            raise ValueError(msg)
