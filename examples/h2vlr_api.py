@@ -54,7 +54,9 @@ def main() -> None:
     for batch in predictions[:2]:
         print(batch.image_path[0], float(batch.pred_score[0]))
 
-    onnx_file = engine.export(model=model, export_type=ExportType.ONNX, export_root="results/h2vlr_api/export")
+    # Into this run's own (versioned) folder: an export never replaces an earlier one, so a fixed folder would refuse
+    # the second run of this script.
+    onnx_file = engine.export(model=model, export_type=ExportType.ONNX, export_root=engine.trainer.default_root_dir)
     print("ONNX model:", onnx_file)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 from anomalib.deploy import ExportType
@@ -16,8 +17,9 @@ from anomalib.engine import Engine
 from anomalib.models import Patchcore
 
 from anomalib_hypergraph.data import MVTec3DCrossDomain
-from anomalib_hypergraph.models import HyperTrans
+from anomalib_hypergraph.models import H2VLR, HyperTrans
 from tests.conftest import TINY_VIT_KWARGS
+from tests.test_h2vlr_components import TINY_MODEL_KWARGS as TINY_H2VLR_KWARGS
 
 LOGGER = "anomalib_hypergraph"
 
@@ -159,6 +161,72 @@ def test_patchcore_checkpoint_message_says_what_is_missing_and_what_is_there(che
     assert "lacks HyperTrans's entries ['model.memory_bank.target_bank', 'model.rectified_target']" in message
     assert "'model.memory_bank'" in message  # Patchcore's bank is one tensor: named as such, not as a group
     assert "'pre_trained'" in message  # and its hyper-parameters are listed
+
+
+def save_as_checkpoint(model: torch.nn.Module, path: Path) -> Path:
+    """What a Lightning checkpoint holds for loading: its version, the state dict and the constructor's options."""
+    checkpoint = {
+        "pytorch-lightning_version": lightning.__version__,
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+    }
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("writer", ["Patchcore", "H2VLR"])
+def test_another_models_checkpoint_file_is_refused_before_anything_is_built(
+    checkpoint: dict, tmp_path: Path, writer: str
+) -> None:
+    """load_from_checkpoint (and so anomalib export) built HyperTrans from the foreign options first.
+
+    Patchcore's options made it download ResNet-18 weights; H2VLR's made it look for an unknown backbone.
+    """
+    if writer == "Patchcore":
+        foreign = Patchcore(backbone="resnet18", pre_trained=False, layers=("layer1",))
+    else:
+        foreign = H2VLR(k_shot=1, visualizer=False, **TINY_H2VLR_KWARGS)
+    path = save_as_checkpoint(foreign, tmp_path / f"{writer}.ckpt")
+    refused = r"This checkpoint was not written by HyperTrans: its state dict lacks HyperTrans's entries"
+    with pytest.raises(ValueError, match=refused):
+        HyperTrans.load_from_checkpoint(path)
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False)
+    with pytest.raises(ValueError, match=refused):
+        engine.export(
+            model=HyperTrans(**checkpoint["kwargs"]), export_type=ExportType.TORCH, export_root=tmp_path, ckpt_path=path
+        )
+
+
+def test_a_hypertrans_checkpoint_is_refused_by_h2vlr(checkpoint: dict) -> None:
+    with pytest.raises(ValueError, match=r"This checkpoint was not written by H2VLR"):
+        H2VLR.load_from_checkpoint(checkpoint["path"])
+
+
+# ------------------------------------------------------------------------------------------------------ export
+def test_export_from_a_checkpoint_names_the_options_given_that_it_does_not_use(
+    checkpoint: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """anomalib export builds the model from the checkpoint; the --model.* flags that differ are named."""
+    given = HyperTrans(
+        **{
+            **checkpoint["kwargs"],
+            "model_kwargs": {**TINY_VIT_KWARGS, "embed_dim": 48},  # another architecture
+            "beta": 0.3,  # another score
+            "chunk_size": 64,  # memory only
+        }
+    )
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        exported = engine.export(
+            model=given, export_type=ExportType.TORCH, export_root=tmp_path, ckpt_path=checkpoint["path"]
+        )
+    warned = warnings_of(caplog)
+    assert "differ and are NOT used" in warned
+    assert "beta: checkpoint 0.6, given 0.3" in warned
+    assert "model_kwargs: checkpoint {" in warned and "'embed_dim': 48" in warned
+    assert "chunk_size" not in warned and "chunk_size: checkpoint 256, given 64" in caplog.text  # info only
+    module = torch.load(exported, weights_only=False)["model"]
+    assert module.model.scorer.beta == 0.6  # the message tells the truth: the export has the checkpoint's values
 
 
 # ------------------------------------------------------------------------------------------------- the file

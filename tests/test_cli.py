@@ -49,26 +49,29 @@ def test_start_up_hook_only_loads_the_plugin_for_the_anomalib_command() -> None:
     assert result.stdout.strip() == "False"
 
 
-def test_train_then_predict_with_the_stock_command(
+def test_train_then_predict_with_the_stock_command_never_into_the_training_run(
     tmp_path: Path,
     synthetic_root: Path,
     synthetic_category: str,
 ) -> None:
+    data_arguments = [
+        "--data",
+        "anomalib_hypergraph.data.MVTec3DCrossDomain",
+        "--data.root",
+        str(synthetic_root),
+        "--data.category",
+        synthetic_category,
+        "--data.num_workers",
+        "0",
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+    ]
     train = run(
         [
             str(ANOMALIB),
             "train",
             *model_arguments(),
-            "--data",
-            "anomalib_hypergraph.data.MVTec3DCrossDomain",
-            "--data.root",
-            str(synthetic_root),
-            "--data.category",
-            synthetic_category,
-            "--data.num_workers",
-            "0",
-            "--data.cache_dir",
-            str(tmp_path / "cache"),
+            *data_arguments,
             "--trainer.max_epochs",
             "2",
             "--trainer.logger",
@@ -103,3 +106,26 @@ def test_train_then_predict_with_the_stock_command(
     expected = sorted(path.name for path in depth_folder.glob("*.png"))
     assert expected
     assert set(expected) <= set(written), f"missing visualisations: {set(expected) - set(written)}"
+
+    # With the training datamodule and root, anomalib would predict into the training run (.../latest): refused
+    # before its config.yaml or any of its files is replaced.
+    run_folder = checkpoints[-1].parents[2]
+    files = {path: path.read_bytes() for path in run_folder.rglob("*") if path.is_file()}
+    assert run_folder / "config.yaml" in files
+    into_run = run(
+        [
+            str(ANOMALIB),
+            "predict",
+            *model_arguments(),
+            "--ckpt_path",
+            str(checkpoints[-1]),
+            *data_arguments,
+            "--default_root_dir",
+            str(tmp_path / "results"),
+        ],
+        cwd=tmp_path,
+    )
+    assert into_run.returncode != 0
+    expected = f"predict would write into '{run_folder}', the folder of a training run"
+    assert "".join(expected.split()) in "".join(into_run.stderr.split())  # the log wraps long lines
+    assert {path: path.read_bytes() for path in run_folder.rglob("*") if path.is_file()} == files

@@ -618,3 +618,23 @@ def test_bad_arguments_say_what_is_wrong(root: Path, tmp_path: Path) -> None:
     folder = _camera(camera, "camera")
     with pytest.raises(ValueError, match=r"source and target are the same datamodule"):
         CrossDomainDataModule(folder, folder)
+
+
+def test_k_shot_error_names_the_users_dataset_folder_not_the_depth_cache(root: Path) -> None:
+    user_folder = root / CATEGORY / "train" / "good" / "xyz"  # the depth target's shots come from these point clouds
+    with pytest.raises(ValueError, match=rf"only {NUM_TRAIN} normal images were found in .* under '{user_folder}'"):
+        _datamodule(root, k_shot=NUM_TRAIN + 1).setup()
+
+
+def test_one_folder_as_source_and_target_is_refused_whatever_the_objects(tmp_path: Path) -> None:
+    """Every CLI config makes two datamodule objects; equal roots still put the target shots into the source bank."""
+    _write_camera(tmp_path / "camera", seed=0, num_good=4, colour=True)
+    pair = CrossDomainDataModule(_camera(tmp_path / "camera", "old"), _camera(tmp_path / "camera", "new"), k_shot=1)
+    shot = tmp_path / "camera" / "good" / "000.png"
+    with pytest.raises(ValueError, match=rf"read the same files: 1 of the target's 1 train images .*'{shot}'"):
+        pair.setup()
+    link = tmp_path / "camera_link"  # another path to the same files
+    link.symlink_to(tmp_path / "camera", target_is_directory=True)
+    pair = CrossDomainDataModule(_camera(tmp_path / "camera", "old"), _camera(link, "new"), k_shot=1)
+    with pytest.raises(ValueError, match=r"read the same files"):
+        pair.setup()

@@ -7,6 +7,7 @@ model from the checkpoint alone.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,35 @@ def test_openvino_export_from_the_checkpoint_scores_like_the_model(trained: dict
         actual = {name: torch.from_numpy(results[index]) for index, name in enumerate(output_names)}
         for name, value in expected.items():
             torch.testing.assert_close(actual[name], value, atol=ATOL, rtol=0)
+
+
+def test_a_second_export_into_one_folder_is_refused_and_the_first_kept(trained: dict, tmp_path: Path) -> None:
+    engine, model = trained["engine"], trained["model"]
+    first = engine.export(model=model, export_type=ExportType.TORCH, export_root=tmp_path)
+    content = first.read_bytes()
+    with pytest.raises(RuntimeError, match=rf"would overwrite '{first.resolve()}', an earlier export"):
+        engine.export(model=model, export_type=ExportType.TORCH, export_root=tmp_path, ckpt_path=trained["checkpoint"])
+    assert first.read_bytes() == content
+    other_name = engine.export(model=model, export_type=ExportType.TORCH, export_root=tmp_path, model_file_name="v2")
+    assert other_name.parent == first.parent and other_name.name == "v2.pt"  # another name in the folder is fine
+
+
+def test_a_successful_onnx_export_keeps_its_log_short(
+    trained: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """anomalib asks for opset 14: torch builds 18, and the failed down-conversion logged a long traceback.
+
+    The ``anomalib`` command logs at info level, where the ONNX optimiser adds some 400 lines of its own.
+    """
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    with caplog.at_level(logging.INFO):
+        exported = trained["engine"].export(
+            model=trained["model"], export_type=ExportType.ONNX, export_root=tmp_path, ckpt_path=trained["checkpoint"]
+        )
+    with_traceback = [record.getMessage() for record in caplog.records if record.exc_info]
+    assert not with_traceback, with_traceback[0][:300]
+    optimiser_lines = [record for record in caplog.records if record.name.startswith(("onnxscript", "onnx_ir"))]
+    assert not optimiser_lines, f"{len(optimiser_lines)} lines, e.g. {optimiser_lines[0].getMessage()[:200]}"
+    opsets = {entry.domain: entry.version for entry in onnx.load(str(exported)).opset_import}
+    assert opsets[""] == 18

@@ -6,6 +6,7 @@ import pytest
 import torch
 from anomalib.data import InferenceBatch
 
+from anomalib_hypergraph.models import HyperTrans
 from anomalib_hypergraph.models.hypertrans.lightning_model import patch_keys, split_domains
 from anomalib_hypergraph.models.hypertrans.torch_model import (
     SOURCE,
@@ -224,3 +225,14 @@ def test_split_domains() -> None:
     assert split_domains("t") == (None, "t")
     with pytest.raises(KeyError, match="'target' entry"):
         split_domains({"source": "s"})
+
+
+def test_an_image_size_too_small_for_the_blur_is_refused_at_construction(tiny_hypertrans_kwargs: dict) -> None:
+    """sigma 4 blurs with a 33-pixel kernel; at 16 px torch failed in the first forward with a padding error."""
+    with pytest.raises(
+        ValueError, match=r"image_size \(16, 16\) is too small .* sigma=4.0 .* 33-pixel kernel"
+    ) as error:
+        HyperTrans(**{**tiny_hypertrans_kwargs, "image_size": (16, 16)})
+    assert "at least [17, 17]" in str(error.value) and "sigma below 3.875" in str(error.value)
+    model = HyperTrans(**{**tiny_hypertrans_kwargs, "image_size": (16, 16), "sigma": 3.8})  # what the message offers
+    assert model.model.scorer.blur(torch.rand(1, 1, 16, 16)).shape == (1, 1, 16, 16)

@@ -16,7 +16,7 @@ the ``PAIRED_SOURCE`` loader of :mod:`~anomalib_hypergraph.data.domains`.
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
@@ -97,8 +97,9 @@ class CrossDomainDataModule(FewShot):
         paired_source_data: With ``pair_shots``: the source captures of the shots, in the order of the shots.
 
     Raises:
-        ValueError: ``source`` and ``target`` are the same datamodule; with ``pair_shots``, at setup: a shot without
-            a paired source image.
+        ValueError: ``source`` and ``target`` are the same datamodule; at setup, the source training images include
+            images of the target (e.g. two datamodules of one folder, see :func:`check_domains_share_no_image`), or
+            with ``pair_shots`` a shot has no paired source image.
 
     """
 
@@ -157,6 +158,7 @@ class CrossDomainDataModule(FewShot):
             raise ValueError(msg)
         self.source_train_data = self.source.train_data.subsample(source_normals.tolist())
         super()._setup(_stage)
+        check_domains_share_no_image(self.source, self.source_train_data, self.target, super().datasets_to_read())
         self.target_train_data = self.train_data
         if self.pair_shots:
             self.paired_source_data = self._pair_shots()
@@ -239,3 +241,33 @@ class CrossDomainDataModule(FewShot):
             TARGET: self._train_loader(self.target_train_data, shuffle=False),
             PAIRED_SOURCE: self._train_loader(self.paired_source_data, shuffle=False),
         }
+
+
+def check_domains_share_no_image(
+    source: AnomalibDataModule,
+    source_images: AnomalibDataset,
+    target: AnomalibDataModule,
+    target_datasets: Mapping[str, AnomalibDataset | None],
+) -> None:
+    """Refuse a pair whose source training images include target images (the files, resolved, not the objects).
+
+    Two datamodule objects of one folder (what every CLI config of a pair with equal roots makes) pass the identity
+    check at construction; they would put the target shots into the source bank and the target's test images too.
+
+    Raises:
+        ValueError: a resolved file is both a source training image and a target shot, test or validation image.
+
+    """
+    source_files = {os.path.realpath(path) for path in source_images.samples["image_path"].astype(str)}
+    for role, dataset in target_datasets.items():
+        if dataset is None or len(dataset) == 0:
+            continue
+        shared = [path for path in dataset.samples["image_path"].astype(str) if os.path.realpath(path) in source_files]
+        if shared:
+            msg = (
+                f"The source {describe_datamodule(source)} and the target {describe_datamodule(target)} read the same "
+                f"files: {len(shared)} of the target's {len(dataset)} {role} images are source training images too "
+                f"(e.g. '{shared[0]}'). A cross-domain pair needs different images per domain (e.g. one folder per "
+                "camera); for one domain only, use FewShot."
+            )
+            raise ValueError(msg)

@@ -91,8 +91,14 @@ def select_shots(
 
 
 def dataset_location(dataset: AnomalibDataset) -> str:
-    """Describe where a dataset is for error messages: its name and the common folder of its images."""
-    paths = dataset.samples["image_path"].astype(str).tolist() if len(dataset.samples) else []
+    """Describe where a dataset is for error messages: its name and the common folder of the user's files.
+
+    The user's files are the images, or for datasets that read derived images (the depth images our MVTec 3D-AD
+    datasets render into a cache) the files they were made from (the ``source_path`` column).
+    """
+    samples = dataset.samples
+    column = "source_path" if "source_path" in samples.columns else "image_path"
+    paths = samples[column].astype(str).tolist() if len(samples) else []
     return f"the {dataset.name} dataset under '{common_folder(paths)}'"
 
 

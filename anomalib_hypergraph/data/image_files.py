@@ -17,13 +17,19 @@ pictures, so there a 16-bit image is still shown clipped; the scores are compute
 Every image and every mask a datamodule will read is opened and decoded once at setup (:func:`check_images`), so a
 truncated, unreadable or unsupported file fails there with its name, instead of in the middle of training with a
 bare ``OSError: image file is truncated``.
+
+The same holds for anomalib's ``PredictDataset`` (the folder given to ``anomalib predict --data <folder>`` or
+``Engine.predict(data_path=...)``): :func:`check_images` reads its files the same way, and our models call it on
+every dataset of their runs (``anomalib_hypergraph.models.run_guard``), so a folder given to ``predict`` is read
+exactly as the training images were.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +37,10 @@ import torch
 from anomalib import TaskType
 from anomalib.data import ImageItem
 from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.data.predict import PredictDataset
 from anomalib.data.utils import LabelName, read_mask
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import to_image
 from torchvision.tv_tensors import Mask
 
@@ -159,6 +167,17 @@ def full_range_item(dataset: AnomalibDataset, index: int) -> ImageItem:
     )
 
 
+def full_range_predict_item(dataset: PredictDataset, index: int) -> ImageItem:
+    """``dataset[index]`` of anomalib's ``PredictDataset``, except that a 16-bit image is read at full range."""
+    path = dataset.image_filenames[index]
+    if not is_sixteen_bit(path):
+        return PredictDataset.__getitem__(dataset, index)
+    image = read_image_full_range(path)
+    if dataset.transform:
+        image = dataset.transform(image)
+    return ImageItem(image=image, image_path=str(path))
+
+
 class FullRangeImageDataset(AnomalibDataset):
     """Base of our own image datasets: anomalib's dataset, reading 16-bit images at full range."""
 
@@ -169,33 +188,53 @@ class FullRangeImageDataset(AnomalibDataset):
         return full_range_item(self, index)
 
 
+# anomalib's dataset classes whose items we can read at full range: the anomalib ``__getitem__`` we replace, and ours.
+_FULL_RANGE_READERS: dict[type, tuple[Callable, Callable]] = {
+    AnomalibDataset: (AnomalibDataset.__getitem__, full_range_item),
+    PredictDataset: (PredictDataset.__getitem__, full_range_predict_item),
+}
 _FULL_RANGE_CLASSES: dict[type, type] = {}
+_CHECKED: weakref.WeakSet[Dataset] = weakref.WeakSet()  # datasets whose files check_images has read
 
 
-def _rebuild_full_range_dataset(plain_class: type, state: dict) -> AnomalibDataset:
+def _rebuild_full_range_dataset(plain_class: type, state: dict) -> Dataset:
     """Unpickle a dataset that :func:`enable_full_range` converted (its class is made at run time)."""
     dataset = object.__new__(full_range_class(plain_class))
     dataset.__dict__.update(state)
     return dataset
 
 
-def _reduce_full_range_dataset(dataset: AnomalibDataset) -> tuple:
+def _reduce_full_range_dataset(dataset: Dataset) -> tuple:
     return _rebuild_full_range_dataset, (type(dataset).plain_class, dataset.__dict__)
 
 
-def full_range_class(plain_class: type) -> type:
-    """Subclass of the anomalib dataset class ``plain_class`` whose items come from :func:`full_range_item`.
+def _full_range_reader(plain_class: type) -> Callable | None:
+    """Return the full-range ``__getitem__`` for ``plain_class`` (``None``: the class reads items its own way)."""
+    for base, (anomalib_getitem, full_range_getitem) in _FULL_RANGE_READERS.items():
+        if issubclass(plain_class, base) and plain_class.__getitem__ is anomalib_getitem:
+            return full_range_getitem
+    return None
 
-    One class per dataset class, with the same name (anomalib derives ``dataset.name`` from it) and nothing but
-    ``__getitem__`` changed, so an existing dataset can be switched to it in place. Instances pickle (DataLoader
-    workers started with ``spawn``) and deep-copy (``subsample``) as instances of the converted class.
+
+def full_range_class(plain_class: type) -> type:
+    """Subclass of the anomalib dataset class ``plain_class`` whose items read 16-bit images at full range.
+
+    ``plain_class`` is an ``AnomalibDataset`` (items from :func:`full_range_item`) or a ``PredictDataset`` (items
+    from :func:`full_range_predict_item`) that does not override ``__getitem__``. One class per dataset class, with
+    the same name (anomalib derives ``dataset.name`` from it) and nothing but ``__getitem__`` changed, so an existing
+    dataset can be switched to it in place. Instances pickle (DataLoader workers started with ``spawn``) and deep-copy
+    (``subsample``) as instances of the converted class.
     """
     if plain_class not in _FULL_RANGE_CLASSES:
+        getitem = _full_range_reader(plain_class)
+        if getitem is None:
+            msg = f"{plain_class.__name__} reads its items with its own __getitem__; it cannot be converted."
+            raise TypeError(msg)
         _FULL_RANGE_CLASSES[plain_class] = type(
             plain_class.__name__,
             (plain_class,),
             {
-                "__getitem__": FullRangeImageDataset.__getitem__,
+                "__getitem__": getitem,
                 "__reduce__": _reduce_full_range_dataset,
                 "__module__": __name__,
                 "reads_full_range": True,
@@ -205,13 +244,13 @@ def full_range_class(plain_class: type) -> type:
     return _FULL_RANGE_CLASSES[plain_class]
 
 
-def reads_full_range(dataset: AnomalibDataset) -> bool:
+def reads_full_range(dataset: Dataset) -> bool:
     """Whether ``dataset`` already reads 16-bit images at full range (and had its files checked when it was made)."""
     return getattr(type(dataset), "reads_full_range", False)
 
 
-def enable_full_range(dataset: AnomalibDataset) -> None:
-    """Make ``dataset`` read its 16-bit images at full range (in place).
+def enable_full_range(dataset: Dataset) -> None:
+    """Make ``dataset`` (an ``AnomalibDataset`` or ``PredictDataset``) read its 16-bit images at full range, in place.
 
     Raises:
         ImageFileError: The dataset's class reads its items with its own ``__getitem__`` (not anomalib's image
@@ -220,7 +259,7 @@ def enable_full_range(dataset: AnomalibDataset) -> None:
     """
     if reads_full_range(dataset):
         return
-    if type(dataset).__getitem__ is not AnomalibDataset.__getitem__:
+    if _full_range_reader(type(dataset)) is None:
         msg = (
             f"{type(dataset).__name__} holds 16-bit images but reads its items with its own __getitem__; they cannot "
             "be read at full range through it. Convert them to 8-bit, or read them with an anomalib Folder dataset."
@@ -229,8 +268,17 @@ def enable_full_range(dataset: AnomalibDataset) -> None:
     dataset.__class__ = full_range_class(type(dataset))
 
 
-def _files_to_read(dataset: AnomalibDataset) -> tuple[list[str], list[str]]:
+def needs_image_check(dataset: object) -> bool:
+    """Whether ``dataset`` is an anomalib image dataset whose files :func:`check_images` has not read yet."""
+    return isinstance(dataset, AnomalibDataset | PredictDataset) and not (
+        reads_full_range(dataset) or dataset in _CHECKED
+    )
+
+
+def _files_to_read(dataset: AnomalibDataset | PredictDataset) -> tuple[list[str], list[str]]:
     """(image paths, mask paths) that the dataset's ``__getitem__`` reads (masks: anomalous segmentation items)."""
+    if isinstance(dataset, PredictDataset):
+        return [str(path) for path in dataset.image_filenames], []
     samples = dataset.samples
     images = samples["image_path"].astype(str).tolist()
     masks: list[str] = []
@@ -240,14 +288,15 @@ def _files_to_read(dataset: AnomalibDataset) -> tuple[list[str], list[str]]:
     return images, masks
 
 
-def check_images(datasets: Mapping[str, AnomalibDataset | None]) -> None:
+def check_images(datasets: Mapping[str, AnomalibDataset | PredictDataset | None]) -> None:
     """Decode every image and mask of ``datasets`` once; make the ones holding 16-bit images read them at full range.
 
     A file that belongs to several datasets (e.g. test and validation) is read once. The 16-bit images found are
     logged per dataset, with the scaling.
 
     Args:
-        datasets: The datasets a datamodule will read, by role (``"train"``, ``"test"``, ...; ``None``: absent).
+        datasets: The datasets a datamodule (or a run) will read, by role (``"train"``, ``"test"``, ``"predict"``,
+            ...; ``None``: absent): anomalib datasets, or anomalib's ``PredictDataset`` of a folder.
 
     Raises:
         ImageFileError: A file is unreadable, truncated or unsupported (the message names it), or a dataset that
@@ -276,7 +325,8 @@ def check_images(datasets: Mapping[str, AnomalibDataset | None]) -> None:
                 len(sixteen_bit),
                 len(images),
                 role,
-                dataset.name,
+                getattr(dataset, "name", type(dataset).__name__),
                 common_folder(sixteen_bit),
                 SIXTEEN_BIT_SCALING,
             )
+        _CHECKED.add(dataset)

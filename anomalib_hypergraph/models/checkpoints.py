@@ -29,6 +29,13 @@ compared with the model's, and every difference is named:
 A caller who loads with ``strict=False`` (``load_from_checkpoint(..., strict=False)`` or the module's
 ``strict_loading``) asked for whatever fits: the errors are then warnings.
 
+``Model.load_from_checkpoint`` builds the model from the checkpoint's own options, so a checkpoint of another model
+would build the wrong thing (download another backbone, fail on an unknown one) before any state is compared: the
+file's state-dict keys are checked against :attr:`CheckpointSpec.required_state_keys` first, with the same
+:class:`CheckpointMismatchError`. ``anomalib export`` (``Engine.export(ckpt_path=...)``) loads that way and drops
+the model built from the ``--model.*`` options; :func:`options_given` lets the caller hand those options over, and
+every one that differs from the checkpoint's is named (the export has the checkpoint's values).
+
 Where the file is read: ``Model.load_from_checkpoint`` (overridden here) and, for ``ckpt_path`` runs, the trainer
 strategy's checkpoint IO. The model's ``setup`` hook runs before the trainer restores a checkpoint, but the path is
 not visible there, so :meth:`CheckpointGuard.setup` swaps Lightning's/anomalib's default checkpoint IO for
@@ -74,6 +81,8 @@ class _LoadRequest:
 
 
 _LOAD_REQUEST: ContextVar[_LoadRequest | None] = ContextVar("load_request", default=None)
+# Options of a model that a caller built and then replaced by ``load_from_checkpoint`` (anomalib's export).
+_GIVEN_OPTIONS: ContextVar[Mapping[str, Any] | None] = ContextVar("given_options", default=None)
 
 
 class CheckpointFileError(ValueError):
@@ -120,7 +129,11 @@ class HparamDifference:
     model: Any
 
     def __str__(self) -> str:
-        return f"{self.name}: checkpoint {self.checkpoint!r}, model {self.model!r}"
+        return self.describe()
+
+    def describe(self, other: str = "model") -> str:
+        """``name: checkpoint <value>, <other> <value>``."""
+        return f"{self.name}: checkpoint {self.checkpoint!r}, {other} {self.model!r}"
 
 
 # ------------------------------------------------------------------------------------------------------ the file
@@ -187,11 +200,11 @@ class FileNamingCheckpointIO(AnomalibCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
-def read_stored_hparams(path: str | Path, safe_globals: Sequence[Any] = ()) -> dict[str, Any] | None:
-    """Read the hyper-parameters stored in checkpoint file ``path`` (``None``: it stores none, or is a remote URL).
+def read_checkpoint(path: str | Path, safe_globals: Sequence[Any] = ()) -> Any:
+    """Load checkpoint file ``path`` without reading its tensors (``None`` for a remote URL).
 
-    Files in torch's zip format are memory-mapped (``mmap=True``): only their pickled structure is read, not the
-    tensors.
+    Files in torch's zip format are memory-mapped (``mmap=True``): only their pickled structure is read, so the
+    state-dict keys and the hyper-parameters cost almost nothing.
 
     Raises:
         CheckpointFileError: the file is empty, truncated or not a torch checkpoint.
@@ -201,7 +214,11 @@ def read_stored_hparams(path: str | Path, safe_globals: Sequence[Any] = ()) -> d
         return None
     mmap = Path(path).is_file() and zipfile.is_zipfile(path)  # torch can map only its zip format
     with naming_unreadable_file(path), anomalib_safe_globals(extra=safe_globals):
-        checkpoint = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+
+
+def stored_hparams_of(checkpoint: Any) -> dict[str, Any] | None:
+    """Return the hyper-parameters a loaded checkpoint stores (``None``: none)."""
     stored = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
     return dict(stored) if isinstance(stored, Mapping) else None
 
@@ -295,6 +312,74 @@ def _state_dict_misfit(state_dict: Mapping[str, Any], model: nn.Module) -> list[
     return problems
 
 
+def check_written_by(checkpoint: Any, spec: CheckpointSpec) -> Mapping[str, Any]:
+    """Return the checkpoint's state dict, or refuse a checkpoint that ``spec``'s model did not write.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint has no Lightning ``state_dict``, or its state dict lacks one of
+            ``spec.required_state_keys`` (another model wrote it; the message lists what it holds).
+
+    """
+    name = spec.model_name
+    state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state_dict, Mapping):
+        entries = sorted(checkpoint)[:_MAX_LISTED] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        msg = (
+            f"This checkpoint has no Lightning 'state_dict' (top-level entries: {entries}): it is not a {name} "
+            "checkpoint written by anomalib/Lightning training."
+        )
+        raise CheckpointMismatchError(msg)
+    absent = [key for key in spec.required_state_keys if key not in state_dict]
+    if absent:
+        stored_hparams = sorted(checkpoint.get("hyper_parameters") or {})
+        msg = (
+            f"This checkpoint was not written by {name}: its state dict lacks {name}'s entries {absent}. It holds "
+            f"{_state_key_groups(list(state_dict))} and the hyper-parameters {stored_hparams}. "
+            "Load it with the model class that trained it."
+        )
+        raise CheckpointMismatchError(msg)
+    return state_dict
+
+
+def name_options_not_used(stored: Mapping[str, Any], given: Mapping[str, Any], spec: CheckpointSpec) -> None:
+    """Name every option of a model built by the caller that differs from the checkpoint that replaces it.
+
+    ``load_from_checkpoint`` builds the model from the checkpoint's options, so the given ones are not used: a
+    warning lists them (an info line for ``inert_hparams``, which do not change a loaded model's scores).
+    """
+    differences = hparam_differences(stored, given)
+    inert = [difference for difference in differences if difference.name in spec.inert_hparams]
+    used = [difference for difference in differences if difference.name not in spec.inert_hparams]
+    name = spec.model_name
+    if used:
+        logger.warning(
+            "%s is built from the checkpoint, with the checkpoint's options: these options of the model given "
+            "(the --model.* flags) differ and are NOT used: %s. To get a model with them, train it with them.",
+            name,
+            _listing([difference.describe("given") for difference in used]),
+        )
+    if inert:
+        logger.info(
+            "%s is built from the checkpoint: options given that differ but do not change its scores: %s.",
+            name,
+            _listing([difference.describe("given") for difference in inert]),
+        )
+
+
+@contextmanager
+def options_given(options: Mapping[str, Any]) -> Iterator[None]:
+    """Within the block, ``load_from_checkpoint`` names the ``options`` that differ from the checkpoint's.
+
+    For callers that build a model and then load a checkpoint in its place (anomalib's ``Engine.export``), so that
+    options given for the model are not dropped without a word.
+    """
+    token = _GIVEN_OPTIONS.set(dict(options))
+    try:
+        yield
+    finally:
+        _GIVEN_OPTIONS.reset(token)
+
+
 def check_checkpoint(
     checkpoint: dict[str, Any],
     model: nn.Module,
@@ -323,23 +408,7 @@ def check_checkpoint(
 
     """
     name = spec.model_name
-    state_dict = checkpoint.get("state_dict")
-    if not isinstance(state_dict, Mapping):
-        msg = (
-            f"This checkpoint has no Lightning 'state_dict' (top-level entries: {sorted(checkpoint)[:_MAX_LISTED]}): "
-            f"it is not a {name} checkpoint written by anomalib/Lightning training."
-        )
-        raise CheckpointMismatchError(msg)
-    absent = [key for key in spec.required_state_keys if key not in state_dict]
-    if absent:
-        stored_hparams = sorted(checkpoint.get("hyper_parameters") or {})
-        msg = (
-            f"This checkpoint was not written by {name}: its state dict lacks {name}'s entries {absent}. It holds "
-            f"{_state_key_groups(list(state_dict))} and the hyper-parameters {stored_hparams}. "
-            "Load it with the model class that trained it."
-        )
-        raise CheckpointMismatchError(msg)
-
+    state_dict = check_written_by(checkpoint, spec)
     stored = checkpoint.get("hyper_parameters") if stored_hparams is None else stored_hparams
     if stored is None:
         logger.warning("This %s checkpoint stores no hyper-parameters; the model's options cannot be checked.", name)
@@ -445,12 +514,23 @@ class CheckpointGuard:
     ) -> Any:
         """Load like ``AnomalibModule.load_from_checkpoint``, comparing the file's options with the overrides given.
 
+        The file is first read without its tensors: another model's checkpoint is refused before the model is built
+        from its options (which could try to download or build another backbone).
+
         Raises:
             CheckpointFileError: the file is empty, truncated or not a torch checkpoint.
             CheckpointMismatchError: see :func:`check_checkpoint`.
 
         """
-        stored = read_stored_hparams(checkpoint_path, cls.checkpoint_safe_globals()) if hparams_file is None else None
+        contents = read_checkpoint(checkpoint_path, cls.checkpoint_safe_globals())
+        stored = None
+        if contents is not None:
+            check_written_by(contents, cls.checkpoint_spec)
+            stored = stored_hparams_of(contents) if hparams_file is None else None
+        del contents
+        given = _GIVEN_OPTIONS.get()
+        if given is not None and stored is not None:
+            name_options_not_used(stored, given, cls.checkpoint_spec)
         token = _LOAD_REQUEST.set(_LoadRequest(stored_hparams=stored, strict=strict))
         try:
             return super().load_from_checkpoint(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from anomalib.models.components.filters.blur import compute_kernel_size
 from torch import nn
@@ -42,3 +44,27 @@ class SeparableGaussianBlur(nn.Module):
         planes = F.conv2d(planes, kernel.view(1, 1, 1, -1))  # along rows
         planes = F.conv2d(planes, kernel.view(1, 1, -1, 1))  # along columns
         return planes.reshape(batch, channels, height, width)
+
+
+def check_blur_fits(sigma: float, image_size: Sequence[int] | None) -> None:
+    """Refuse an input size too small for the blur of its anomaly map (the map has the input's size).
+
+    The reflected border of a ``compute_kernel_size(sigma)`` kernel needs more than ``size // 2`` pixels per side;
+    below that torch fails deep in the first forward ("Padding size should be less than ...").
+
+    Raises:
+        ValueError: a side of ``image_size`` is not larger than the kernel's radius (names both options).
+
+    """
+    if image_size is None or sigma <= 0:
+        return
+    radius = compute_kernel_size(sigma) // 2
+    smallest = min(int(side) for side in image_size)
+    if smallest <= radius:
+        msg = (
+            f"image_size {tuple(int(side) for side in image_size)} is too small for the anomaly-map smoothing: "
+            f"sigma={sigma} blurs with a {2 * radius + 1}-pixel kernel, whose reflected borders need more than "
+            f"{radius} pixels per side. Use image_size of at least [{radius + 1}, {radius + 1}], or a sigma below "
+            f"{(smallest - 0.5) / 4:g} for this size."
+        )
+        raise ValueError(msg)

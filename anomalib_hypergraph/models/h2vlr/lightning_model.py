@@ -49,6 +49,7 @@ from anomalib_hypergraph.data import few_shot_subset
 from anomalib_hypergraph.data.domains import TARGET, CrossDomainPreProcessor, split_domains
 from anomalib_hypergraph.data.few_shot import ShotSelection, check_shot_arguments, normal_positions
 from anomalib_hypergraph.models.checkpoints import CheckpointGuard, CheckpointSpec
+from anomalib_hypergraph.models.run_guard import RunGuard
 
 from .losses import LossConfig
 from .prompts import PROMPT_GROUPS
@@ -123,7 +124,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
 )
 
 
-class H2VLR(CheckpointGuard, AnomalibModule):
+class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
     """H2VLR: few-shot anomaly detection by heterogeneous hypergraph vision-language reasoning.
 
     Args:

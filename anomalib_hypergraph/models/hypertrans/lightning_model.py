@@ -42,6 +42,8 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from anomalib_hypergraph.backbones import backbone_data_config
 from anomalib_hypergraph.data.domains import SOURCE, TARGET, CrossDomainPreProcessor, split_domains
 from anomalib_hypergraph.models.checkpoints import CheckpointGuard, CheckpointSpec
+from anomalib_hypergraph.models.run_guard import RunGuard
+from anomalib_hypergraph.models.smoothing import check_blur_fits
 
 from .torch_model import HyperTransModel, flatten_patches
 
@@ -90,7 +92,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
 )
 
 
-class HyperTrans(CheckpointGuard, AnomalibModule):
+class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
     """HyperTrans: cross-domain few-shot anomaly detection with hypergraph domain transfer.
 
     Args:
@@ -191,6 +193,7 @@ class HyperTrans(CheckpointGuard, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        check_blur_fits(sigma, self.input_size)  # before the backbone is built
         if epochs_perturbation < 0 or epochs_rectification < 0:
             msg = (
                 "epochs_perturbation and epochs_rectification must be >= 0, "
