@@ -186,15 +186,26 @@ def test_checkpoint_leaves_out_clip_weights_that_come_from_a_file(mvtec_root: Pa
         H2VLR.load_from_checkpoint(checkpoint_path, visualizer=False)
 
 
-def test_training_is_reproducible_from_the_seeds(mvtec_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("k_shot", [1, 2, 4])
+def test_training_is_reproducible_from_the_seeds(k_shot: int, mvtec_root: Path, tmp_path: Path) -> None:
+    """Torch's global seed and the loader's shuffling and batch size do not matter: only `seed` does."""
     results = []
-    for run in range(2):
-        torch.manual_seed(run)  # the global generator must not matter: initialisation and Perlin follow `seed`
-        model = H2VLR(k_shot=1, epochs=2, visualizer=False, **TINY_MODEL_KWARGS)
+    for run, train_batch_size in enumerate((8, 3)):
+        torch.manual_seed(run)  # the global generator (and with it the loader's shuffling) differs between runs
+        model = H2VLR(k_shot=k_shot, epochs=2, visualizer=False, **TINY_MODEL_KWARGS)
         engine = Engine(default_root_dir=tmp_path / str(run), accelerator="cpu", devices=1, logger=False, max_epochs=2)
-        engine.fit(model=model, datamodule=mvtec(mvtec_root))
-        results.append(model.model.prompt_embeddings.clone())
-    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+        datamodule = MVTecAD(
+            root=mvtec_root, category="bottle", train_batch_size=train_batch_size, eval_batch_size=4, num_workers=0
+        )
+        engine.fit(model=model, datamodule=datamodule)
+        assert engine.trainer.global_step == 2  # one step per epoch: the support set fits batch_size
+        trained = {
+            name: value.detach().clone() for name, value in model.model.named_parameters() if value.requires_grad
+        }
+        results.append((model.model.prompt_embeddings.clone(), trained))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for name, value in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], value, rtol=0, atol=0, msg=name)
 
 
 def test_checkpoint_of_another_model_is_refused() -> None:

@@ -6,13 +6,18 @@ H2VLR reasons on one hypergraph per image whose vertices are the image's N patch
 - **structural**: patch i and its K most cosine-similar other patches (one per patch, K + 1 members),
 - **semantic**: prompt p and its K most cosine-similar patches (one per prompt, K + 1 members),
 
-with binary incidence and one weight per hyperedge (learnable in H2VLR). :class:`HeterogeneousHypergraph` stores the
-member table of a whole batch ``(B, E, m)`` (``-1`` pads hyperedges smaller than ``m``) and provides
+with binary incidence and one weight per hyperedge. :class:`HeterogeneousHypergraph` stores the member table of a
+whole batch ``(B, E, m)`` (``-1`` pads hyperedges smaller than ``m``) and provides
 
-- :meth:`~HeterogeneousHypergraph.smooth`: the HGNN operator
-  :math:`D_v^{-1/2} H W D_e^{-1} H^\top D_v^{-1/2} X` of :class:`~.structure.SoftHypergraph` (which it equals, see
-  :meth:`~HeterogeneousHypergraph.to_soft_hypergraph`), computed with gathers and ``scatter_add`` instead of
-  ``torch.sparse`` so that it runs batched and exports to ONNX (sparse tensors do not);
+- :meth:`~HeterogeneousHypergraph.visual_subgraph`: the same hyperedges restricted to their visual members (a
+  semantic hyperedge keeps its K patches), for message passing that stays among the visual nodes;
+- :meth:`~HeterogeneousHypergraph.smooth`: the propagation :math:`P X` with either the symmetric HGNN normalisation
+  :math:`P = D_v^{-1/2} H W D_e^{-1} H^\top D_v^{-1/2}` (``normalization="symmetric"``, the operator of
+  :class:`~.structure.SoftHypergraph`, see :meth:`~HeterogeneousHypergraph.to_soft_hypergraph`) or the one-sided
+  :math:`P = D_v^{-1} H W D_e^{-1} H^\top` (``"one_sided"``: every vertex averages the weighted means of its
+  hyperedges), and the vertex degree :math:`D_v` either the number of hyperedges holding a vertex
+  (``vertex_degree_mode="count"``) or the sum of their weights (``"weighted"``). Gathers and ``scatter_add`` instead of
+  ``torch.sparse``, so that it runs batched and exports to ONNX (sparse tensors do not);
 - :meth:`~HeterogeneousHypergraph.laplacian_quadratic`: the *combinatorial* hypergraph Laplacian form
   :math:`s^\top (D_v - H W D_e^{-1} H^\top) s = \sum_e \frac{w_e}{\delta_e} \sum_{u<v \in e} (s_u - s_v)^2` over the
   visual members of each hyperedge. It is zero exactly when the scores agree inside every hyperedge (constant scores
@@ -24,12 +29,15 @@ Memory is ``O(B * E * m * C)``; nothing is quadratic in the number of vertices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from anomalib_hypergraph.hypergraph.cosine import cosine_topk
 from anomalib_hypergraph.hypergraph.structure import SoftHypergraph
+
+NORMALIZATIONS = ("symmetric", "one_sided")
+VERTEX_DEGREE_MODES = ("weighted", "count")
 
 
 def _inverse_power(degree: torch.Tensor, exponent: float) -> torch.Tensor:
@@ -47,6 +55,9 @@ class HeterogeneousHypergraph:
         members: ``(B, E, m)`` int64 vertex ids of each hyperedge, ``-1`` for an empty slot. A vertex appears at most
             once per hyperedge.
         num_structural: the first ``num_structural`` hyperedges are structural (patch-centred), the rest semantic.
+        normalization: ``"symmetric"`` (HGNN) or ``"one_sided"`` propagation in :meth:`smooth`.
+        vertex_degree_mode: ``"weighted"`` (D_v = sum of the weights of a vertex's hyperedges) or ``"count"`` (their
+            number).
 
     """
 
@@ -54,6 +65,8 @@ class HeterogeneousHypergraph:
     num_semantic: int
     members: torch.Tensor
     num_structural: int
+    normalization: str = "symmetric"
+    vertex_degree_mode: str = "weighted"
 
     def __post_init__(self) -> None:
         """Validate the member table (shape, id range) so that errors surface here rather than in a scatter."""
@@ -61,6 +74,12 @@ class HeterogeneousHypergraph:
             msg = f"HeterogeneousHypergraph: members must be (B, E, m), got {tuple(self.members.shape)}."
             raise ValueError(msg)
         self.members = self.members.long()
+        if self.normalization not in NORMALIZATIONS or self.vertex_degree_mode not in VERTEX_DEGREE_MODES:
+            msg = (
+                f"HeterogeneousHypergraph: normalization must be one of {NORMALIZATIONS} and vertex_degree_mode one "
+                f"of {VERTEX_DEGREE_MODES}, got {self.normalization!r} and {self.vertex_degree_mode!r}."
+            )
+            raise ValueError(msg)
         if not 0 <= self.num_structural <= self.members.shape[1]:
             msg = f"HeterogeneousHypergraph: num_structural={self.num_structural} outside [0, {self.members.shape[1]}]."
             raise ValueError(msg)
@@ -79,6 +98,8 @@ class HeterogeneousHypergraph:
         k_semantic: int,
         *,
         chunk_size: int = 4096,
+        normalization: str = "symmetric",
+        vertex_degree_mode: str = "weighted",
     ) -> HeterogeneousHypergraph:
         """Structural and semantic hyperedges by cosine similarity (H2VLR's heterogeneous hypergraph).
 
@@ -92,6 +113,8 @@ class HeterogeneousHypergraph:
             k_structural: K of the structural hyperedges, ``1 <= K <= N - 1``.
             k_semantic: K of the semantic hyperedges, ``1 <= K <= N``.
             chunk_size: reference rows per block in the similarity search.
+            normalization: propagation of :meth:`smooth` (``"symmetric"`` or ``"one_sided"``).
+            vertex_degree_mode: D_v of :meth:`smooth` (``"weighted"`` or ``"count"``).
 
         """
         if visual.ndim != 3:
@@ -102,8 +125,9 @@ class HeterogeneousHypergraph:
             _, neighbours = cosine_topk(visual, visual, k_structural, exclude_self=True, chunk_size=chunk_size)
             centres = torch.arange(num_visual, device=visual.device).view(1, num_visual, 1).expand(batch_size, -1, 1)
             structural = torch.cat([centres, neighbours], dim=-1)  # (B, N, K + 1)
+            propagation = {"normalization": normalization, "vertex_degree_mode": vertex_degree_mode}
             if semantic is None:
-                return cls(num_visual=num_visual, num_semantic=0, members=structural, num_structural=num_visual)
+                return cls(num_visual, 0, structural, num_visual, **propagation)
             if semantic.ndim == 2:
                 semantic = semantic.unsqueeze(0).expand(batch_size, -1, -1)
             num_semantic = semantic.shape[1]
@@ -113,7 +137,16 @@ class HeterogeneousHypergraph:
             semantic_edges = torch.cat([prompt_ids, patches], dim=-1)  # (B, P, K + 1)
             width = max(structural.shape[-1], semantic_edges.shape[-1])
             members = torch.cat([_pad(structural, width), _pad(semantic_edges, width)], dim=1)
-        return cls(num_visual=num_visual, num_semantic=num_semantic, members=members, num_structural=num_visual)
+        return cls(num_visual, num_semantic, members, num_visual, **propagation)
+
+    def visual_subgraph(self) -> HeterogeneousHypergraph:
+        """Restrict the hyperedges to their visual members: messages pass among the N patches only.
+
+        Semantic members are dropped (a semantic hyperedge keeps its K patches, D_e = K); the vertex set is the N
+        patches; hyperedges, their order and their weights stay the same.
+        """
+        members = torch.where(self.members < self.num_visual, self.members, -1)
+        return replace(self, num_semantic=0, members=members)
 
     # ------------------------------------------------------------------------------------------------ sizes
     @property
@@ -162,14 +195,21 @@ class HeterogeneousHypergraph:
     def vertex_degree(
         self, edge_weight: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """D_v(v) = sum of the weights of the hyperedges holding v, ``(B, N + P)`` (differentiable in the weights)."""
-        weight = self._weights(edge_weight, dtype)
+        """D_v ``(B, N + P)``: sum of the weights of the hyperedges holding v, or their number.
+
+        ``vertex_degree_mode="weighted"``: the weights' sum (differentiable in them); ``"count"``: the number.
+        """
+        weighted = self.vertex_degree_mode == "weighted"
+        weight = self._weights(edge_weight if weighted else None, dtype)
         contribution = (weight.unsqueeze(-1) * self.member_mask.to(dtype)).reshape(self.batch_size, -1)
         degree = contribution.new_zeros(self.batch_size, self.num_vertices)
         return degree.scatter_add(1, self._flat_members(), contribution)
 
     def smooth(self, x: torch.Tensor, edge_weight: torch.Tensor | None = None) -> torch.Tensor:
-        r"""Apply the HGNN propagation :math:`D_v^{-1/2} H W D_e^{-1} H^\top D_v^{-1/2} X` of every graph.
+        r"""Propagate vertex features over every graph.
+
+        ``normalization="symmetric"``: :math:`D_v^{-1/2} H W D_e^{-1} H^\top D_v^{-1/2} X` (HGNN);
+        ``"one_sided"``: :math:`D_v^{-1} H W D_e^{-1} H^\top X`. :math:`D_v` as set by ``vertex_degree_mode``.
 
         Args:
             x: ``(B, N + P, C)`` features of all vertices (visual first, then semantic).
@@ -185,12 +225,15 @@ class HeterogeneousHypergraph:
         channels = x.shape[-1]
         weight = self._weights(edge_weight, x.dtype)
         mask = self.member_mask.to(x.dtype).unsqueeze(-1)  # (B, E, m, 1)
-        vertex_scale = _inverse_power(self.vertex_degree(weight, x.dtype), -0.5).unsqueeze(-1)  # D_v^-1/2
+        degree = self.vertex_degree(weight, x.dtype)
+        symmetric = self.normalization == "symmetric"
+        vertex_scale = _inverse_power(degree, -0.5 if symmetric else -1.0).unsqueeze(-1)  # D_v^-1/2 or D_v^-1
         flat = self._flat_members()
-        gathered = torch.gather(vertex_scale * x, 1, flat.unsqueeze(-1).expand(-1, -1, channels))
+        source = vertex_scale * x if symmetric else x
+        gathered = torch.gather(source, 1, flat.unsqueeze(-1).expand(-1, -1, channels))
         gathered = gathered.reshape(*self.members.shape, channels) * mask
         edge_scale = (weight * _inverse_power(self.edge_degree(x.dtype), -1.0)).unsqueeze(-1)  # W D_e^-1
-        edge_features = edge_scale * gathered.sum(dim=2)  # W D_e^-1 H^T D_v^-1/2 X, (B, E, C)
+        edge_features = edge_scale * gathered.sum(dim=2)  # W D_e^-1 H^T (D_v^-1/2) X, (B, E, C)
         contributions = (edge_features.unsqueeze(2) * mask).reshape(self.batch_size, -1, channels)
         aggregated = x.new_zeros(self.batch_size, self.num_vertices, channels)
         aggregated = aggregated.scatter_add(1, flat.unsqueeze(-1).expand(-1, -1, channels), contributions)  # H (...)
@@ -234,7 +277,8 @@ class HeterogeneousHypergraph:
     def to_soft_hypergraph(self, index: int = 0, edge_weight: torch.Tensor | None = None) -> SoftHypergraph:
         """Graph ``index`` as the shared core's :class:`~.structure.SoftHypergraph` (binary incidence, weights W).
 
-        Its :meth:`~.structure.SoftHypergraph.smooth` equals :meth:`smooth` on that graph; dhg export goes through
+        For a graph with the HGNN propagation (``normalization="symmetric"``, ``vertex_degree_mode="weighted"``), its
+        :meth:`~.structure.SoftHypergraph.smooth` equals :meth:`smooth` on that graph; dhg export goes through
         :meth:`~.structure.SoftHypergraph.to_dhg`.
         """
         weight = self._weights(edge_weight, torch.float32)[index]

@@ -10,13 +10,16 @@ How the stock ``Engine`` / ``anomalib train`` drives it:
   (``few_shot_subset``: ``shot_selection="random"`` with ``seed``, or ``"first"``) and logs their paths; the other
   training images are not used. A datamodule that already selected its shots (``FewShot``, the cross-domain
   datamodules) must agree with ``k_shot``, or ``k_shot`` is left at None.
-- The support set is read once at fit start from the training dataset (through the pre-processor): support gallery,
-  global support feature G_s and the shots' tokens go into the torch model's buffers.
-- One trainer epoch is one pass over the shots (the paper's batch is the whole support set; anomalib's default train
-  batch size of 32 holds it); each step adds a Perlin synthetic-anomaly copy of every shot, minimises Eq. 8 with SGD
-  (lr 2e-3) and logs every loss term. The model stops the trainer after ``epochs`` (paper: 100) epochs.
-- Cross-domain datamodules: the ``target`` batches are the shots, ``source`` batches are ignored, and an epoch ends
-  after one pass over the target shots.
+- The support set is read once at fit start from the training dataset (through the pre-processor) and kept: its
+  images (for the synthetic anomalies), and in the torch model the support gallery, the global support feature G_s
+  and the shots' tokens.
+- One trainer epoch is one pass over the support set in optimisation steps of up to ``batch_size`` shots (paper:
+  batch size 400, so a k-shot support set is one step); each shot enters with ``anomalies_per_shot`` synthetic-anomaly
+  copies drawn from ``(seed, step, shot)``, and each step minimises Eq. 8 with SGD and logs every loss term. The
+  steps are built from the stored support set, not from the loader's batches: the loader only paces the epochs (its
+  first batch of an epoch runs the epoch's steps, the rest of the epoch is skipped), so its shuffling, its batch size
+  and torch's global seed do not change training. The model stops the trainer after ``epochs`` (paper: 100) epochs.
+- Cross-domain datamodules: the ``target`` training images are the shots, ``source`` batches are ignored.
 
 Nothing is put into ``trainer_arguments``. Lightning validates after every epoch by default; validation only feeds
 anomalib's normalisation and thresholds (nothing is selected on it), so ``--trainer.check_val_every_n_epoch 100``
@@ -46,13 +49,25 @@ from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Res
 
 from anomalib_hypergraph.backbones import register_open_clip_config
 from anomalib_hypergraph.data import few_shot_subset
-from anomalib_hypergraph.data.domains import TARGET, CrossDomainPreProcessor, split_domains
-from anomalib_hypergraph.data.few_shot import ShotSelection, check_shot_arguments, normal_positions
+from anomalib_hypergraph.data.domains import TARGET, CrossDomainPreProcessor
+from anomalib_hypergraph.data.few_shot import ShotSelection, normal_positions
 from anomalib_hypergraph.models.checkpoints import CheckpointGuard, CheckpointSpec
 from anomalib_hypergraph.models.run_guard import RunGuard
 
-from .losses import LossConfig
-from .prompts import PROMPT_GROUPS
+from .options import (
+    PROMPT_GROUPS,
+    EdgeWeighting,
+    H2VLROptions,
+    ImageHeadInit,
+    Normalization,
+    SingleShotGallery,
+    SupportConditioning,
+    TokenSource,
+    VertexDegree,
+    option_fields,
+    options_docstring,
+)
+from .seeding import seeded
 from .synthesis import SupportAnomalySynthesizer
 from .torch_model import DEFAULT_CLASS_NAME, H2VLRModel
 
@@ -60,12 +75,13 @@ logger = logging.getLogger(__name__)
 
 MANY_SHOTS = 16  # above this many training images H2VLR warns that it is a few-shot model
 SUPPORT_CHUNK = 16  # support images read and resized per chunk
-SEED_STRIDE = 1_000_003  # separates the per-step seeds of different ``seed`` values
 CHECKPOINT_KEY = "h2vlr"
 BACKBONE_PREFIX = "model.backbone.clip."
 
 # How H2VLR's options relate to its checkpoints (see anomalib_hypergraph.models.checkpoints). Options not listed
-# (alpha, eta, sigma, text_temperature, K of both hyperedge kinds) change a loaded model's scores and are warned about.
+# (alpha, eta, sigma, text_temperature, K of both hyperedge kinds, vertex_degree, normalization, prompt_messages,
+# residual_update) change a loaded model's scores and are warned about. Inference reads the encoded prompts from the
+# checkpoint's buffers, so options that only shape how prompts are learned (support_conditioning) are inert.
 CHECKPOINT_SPEC = CheckpointSpec(
     model_name="H2VLR",
     required_state_keys=("model.support_gallery", "model.prompt_embeddings"),
@@ -86,7 +102,9 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "histogram_bins",
             "image_head_hidden",
             "use_dsi",
+            "use_hsr",
             "use_sghm",
+            "edge_weights",
         }
     ),
     restored_hparams=frozenset({"image_size"}),
@@ -100,14 +118,19 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "shot_selection",
             "seed",
             "epochs",
+            "batch_size",
             "lr",
             "momentum",
             "weight_decay",
             "anomalies_per_shot",
             "anomaly_source_path",
+            "leave_one_out",
+            "single_shot_gallery",
+            "support_conditioning",
             "residual_scale",
+            "learnable_histogram",  # the bins are state entries either way
             "image_head_init",
-            "use_hsr",
+            "use_structural_loss",
             "lambda_str",
             "lambda_seg",
             "lambda_image",
@@ -115,7 +138,6 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "focal_gamma",
             "eam_margin",
             "triplet_margin",
-            "leave_one_out",
             "chunk_size",
             "save_backbone_weights",
         }
@@ -127,61 +149,11 @@ CHECKPOINT_SPEC = CheckpointSpec(
 class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
     """H2VLR: few-shot anomaly detection by heterogeneous hypergraph vision-language reasoning.
 
+    Every keyword argument but the four anomalib components below is an option of
+    :class:`~anomalib_hypergraph.models.h2vlr.options.H2VLROptions`, where its default and documentation live (the
+    ``Args`` entries of the options are filled in from there when this module is imported).
+
     Args:
-        backbone: open_clip architecture (paper: ``ViT-B-16-plus-240``).
-        pretrained: load the pretrained CLIP weights ``pretrained_tag`` (hub); False = random weights (tests).
-        pretrained_tag: open_clip pretrained tag (paper: ``laion400m_e32``).
-        pretrained_weights: local state dict of the whole CLIP model, for machines without hub access.
-        backbone_config: open_clip model config (dict) for an architecture open_clip does not ship.
-        class_name: object class named in the prompts; None = the datamodule's category (``"object"`` without one).
-        k_shot: number of normal training images kept as the support set; None = all of the datamodule's training
-            images (use with ``FewShot`` or the cross-domain datamodules).
-        shot_selection: ``"random"`` (seeded) or ``"first"`` (first k in sorted path order).
-        seed: seed of everything random: the shot selection, the initialisation (random CLIP weights, prompt
-            vectors, hypergraph layers, heads) and the synthetic anomalies (one draw per step from ``seed`` and the
-            step number, the same on every rank); private generators, so torch's global seed does not matter.
-        epochs: training epochs = optimisation steps over the whole support set (paper: 100).
-        lr: SGD learning rate (paper: 2e-3).
-        momentum: SGD momentum (ours: 0.9).
-        weight_decay: SGD weight decay (ours: 0).
-        anomalies_per_shot: Perlin synthetic-anomaly copies of each shot per step.
-        anomaly_source_path: optional texture folder for the synthetic anomalies (None: Perlin noise textures).
-        image_size: model input size; None = the backbone's (240 for ``ViT-B-16-plus-240``); must match it.
-        token_source: text-aligned patch tokens from the value-value ``"surgery"`` stream or the ``"final"`` tokens.
-        surgery_depth: blocks of the value-value stream (None: half of the blocks).
-        gallery_layers: 0-based blocks whose tokens form the visual support gallery (paper: 2 and 7).
-        context_init: words initialising the learnable prompt context.
-        context_length: context vectors per prompt when ``context_init`` is None.
-        prompt_groups: abnormal prompt groups, subset of ``("global", "special", "local")``.
-        num_local_prompts: Local prompts.
-        local_prompt_tokens: learnable anomaly tokens per Local prompt.
-        num_neighbors: K of the structural hyperedges (paper: 8).
-        num_semantic_neighbors: K of the semantic hyperedges (paper: 8).
-        num_layers: hypergraph layers L (paper: 2).
-        head_reduction: hidden size of the anomaly head = D / ``head_reduction``.
-        alpha: text-map weight of the base map, Eq. 5 (paper: 0.5).
-        eta: residual-correction weight, Eq. 7 (paper: 0.4).
-        residual_scale: initial learnable beta of Eq. 6.
-        histogram_bins: soft-histogram bins of the image head.
-        image_head_hidden: hidden units of the image-head MLP.
-        image_head_init: ``"tail"`` (starts increasing in the histogram's upper tail) or ``"random"`` initialisation.
-        text_temperature: logit scale of text similarities (None: CLIP's own).
-        sigma: Gaussian smoothing of the anomaly map (0: none).
-        use_dsi: Table 4 ablation switch, Dynamic Semantic Induction (support conditioning, Eq. 1).
-        use_sghm: Table 4 ablation switch, semantic-guided hypergraph module (Eq. 3-4, 6-7).
-        use_hsr: Table 4 ablation switch, hypergraph structural regularisation L_str (Eq. 10).
-        lambda_str: weight of L_str, Eq. 8 (paper: 0.02).
-        lambda_seg: weight of L_seg, Eq. 8 (paper: 1.0).
-        lambda_image: weight of the image-head BCE (ours).
-        laplacian_weight: xi, weight of the Laplacian smoothness inside L_str (ours: 1).
-        focal_gamma: focusing parameter of the focal losses (ours: 2).
-        eam_margin: gamma of the explicit anomaly margin, Eq. 9 (ours: 0.1).
-        triplet_margin: margin of the triplet term (ours: 0.1).
-        leave_one_out: training images are matched against the other shots' gallery.
-        chunk_size: block size of the cosine top-k searches.
-        save_backbone_weights: keep the frozen CLIP weights (~830 MB for ``ViT-B-16-plus-240``) in checkpoints. None:
-            only random weights (``pretrained=False``), which nothing else can reproduce; weights from the hub or a
-            file are rebuilt from their source when the checkpoint loads and checked against a SHA-256 fingerprint.
         pre_processor: pre-processor or True for the resize to the backbone's size (no normalisation: the model
             normalises itself, the synthetic anomalies need [0, 1] images).
         post_processor: post-processor or True for anomalib's default.
@@ -192,7 +164,7 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
 
     checkpoint_spec = CHECKPOINT_SPEC
 
-    def __init__(
+    def __init__(  # the option arguments equal H2VLROptions' fields (names, types, defaults; checked by a test)
         self,
         *,
         backbone: str = "ViT-B-16-plus-240",
@@ -200,40 +172,53 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
         pretrained_tag: str = "laion400m_e32",
         pretrained_weights: str | Path | None = None,
         backbone_config: dict[str, Any] | None = None,
-        class_name: str | None = None,
+        image_size: tuple[int, int] | None = None,
+        token_source: TokenSource = "surgery",
+        surgery_depth: int | None = None,
+        gallery_layers: Sequence[int] = (2, 7),
+        save_backbone_weights: bool | None = None,
         k_shot: int | None = None,
         shot_selection: ShotSelection = "random",
         seed: int = 0,
         epochs: int = 100,
-        lr: float = 2e-3,
+        batch_size: int = 400,
+        lr: float = 0.002,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         anomalies_per_shot: int = 1,
         anomaly_source_path: str | Path | None = None,
-        image_size: tuple[int, int] | None = None,
-        token_source: str = "surgery",
-        surgery_depth: int | None = None,
-        gallery_layers: Sequence[int] = (2, 7),
+        leave_one_out: bool = True,
+        single_shot_gallery: SingleShotGallery = "shifted_view",
+        class_name: str | None = None,
         context_init: str | None = "a photo of a",
         context_length: int = 4,
         prompt_groups: Sequence[str] = PROMPT_GROUPS,
         num_local_prompts: int = 4,
         local_prompt_tokens: int = 2,
+        use_dsi: bool = True,
+        support_conditioning: SupportConditioning = "multiply",
+        use_hsr: bool = True,
+        use_sghm: bool = True,
         num_neighbors: int = 8,
         num_semantic_neighbors: int = 8,
         num_layers: int = 2,
+        edge_weights: EdgeWeighting = "affinity",
+        vertex_degree: VertexDegree = "count",
+        normalization: Normalization = "one_sided",
+        prompt_messages: bool = False,
+        residual_update: bool = True,
         head_reduction: int = 4,
+        chunk_size: int = 4096,
         alpha: float = 0.5,
         eta: float = 0.4,
         residual_scale: float = 1.0,
         histogram_bins: int = 16,
+        learnable_histogram: bool = True,
         image_head_hidden: int = 32,
-        image_head_init: str = "tail",
+        image_head_init: ImageHeadInit = "tail",
         text_temperature: float | None = None,
         sigma: float = 4.0,
-        use_dsi: bool = True,
-        use_sghm: bool = True,
-        use_hsr: bool = True,
+        use_structural_loss: bool = True,
         lambda_str: float = 0.02,
         lambda_seg: float = 1.0,
         lambda_image: float = 1.0,
@@ -241,19 +226,13 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
         focal_gamma: float = 2.0,
         eam_margin: float = 0.1,
         triplet_margin: float = 0.1,
-        leave_one_out: bool = True,
-        chunk_size: int = 4096,
-        save_backbone_weights: bool | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if k_shot is not None:
-            check_shot_arguments(k_shot, shot_selection)
-        if epochs < 1:
-            msg = f"epochs must be >= 1, got {epochs}."
-            raise ValueError(msg)
+        arguments = locals()
+        options = H2VLROptions(**{option.name: arguments[option.name] for option in option_fields()})
         if backbone_config is not None:
             register_open_clip_config(backbone, backbone_config)
         if pre_processor is True:
@@ -266,58 +245,9 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.model = H2VLRModel(
-            backbone=backbone,
-            pretrained=pretrained,
-            pretrained_tag=pretrained_tag,
-            pretrained_weights=pretrained_weights,
-            backbone_config=backbone_config,
-            class_name=class_name,
-            token_source=token_source,
-            surgery_depth=surgery_depth,
-            gallery_layers=gallery_layers,
-            context_init=context_init,
-            context_length=context_length,
-            prompt_groups=prompt_groups,
-            num_local_prompts=num_local_prompts,
-            local_prompt_tokens=local_prompt_tokens,
-            num_neighbors=num_neighbors,
-            num_semantic_neighbors=num_semantic_neighbors,
-            num_layers=num_layers,
-            head_reduction=head_reduction,
-            alpha=alpha,
-            eta=eta,
-            residual_scale=residual_scale,
-            histogram_bins=histogram_bins,
-            image_head_hidden=image_head_hidden,
-            image_head_init=image_head_init,
-            text_temperature=text_temperature,
-            sigma=sigma,
-            use_dsi=use_dsi,
-            use_sghm=use_sghm,
-            use_hsr=use_hsr,
-            loss_config=LossConfig(
-                lambda_str=lambda_str,
-                lambda_seg=lambda_seg,
-                lambda_image=lambda_image,
-                laplacian_weight=laplacian_weight,
-                focal_gamma=focal_gamma,
-                eam_margin=eam_margin,
-                triplet_margin=triplet_margin,
-            ),
-            leave_one_out=leave_one_out,
-            chunk_size=chunk_size,
-            seed=seed,
-        )
-        self.synthesizer = SupportAnomalySynthesizer(anomalies_per_shot, anomaly_source_path)
-        self.class_name = class_name
-        self.k_shot = k_shot
-        self.shot_selection = shot_selection
-        self.seed = seed
-        self.epochs = epochs
-        self.lr = lr
-        self.momentum = momentum
-        self.weight_decay = weight_decay
+        self.options = options
+        self.model = H2VLRModel(options)
+        self.synthesizer = SupportAnomalySynthesizer(anomalies_per_shot, anomaly_source_path, seed=seed)
         self.automatic_optimization = False
         self.save_backbone_weights = (
             save_backbone_weights if save_backbone_weights is not None else not (pretrained or pretrained_weights)
@@ -325,8 +255,8 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
         self.backbone_source = str(pretrained_weights) if pretrained_weights else f"{backbone} / {pretrained_tag}"
         self._backbone_fingerprint: str | None = None
         self.shots: list[str] = []
+        self._support_batch: torch.Tensor | None = None
         self._inference_state_stale = False
-        self._batches_per_epoch: int | None = None
 
     # ------------------------------------------------------------------------------------------ anomalib API
     @classmethod
@@ -367,8 +297,12 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """SGD over the learnable parts (prompt contexts, Local tokens, Psi, hypergraph layers and weights, heads)."""
+        options = self.options
         return torch.optim.SGD(
-            self.model.learnable_parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            self.model.learnable_parameters(),
+            lr=options.lr,
+            momentum=options.momentum,
+            weight_decay=options.weight_decay,
         )
 
     # -------------------------------------------------------------------------------------------------- data
@@ -378,36 +312,37 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
         if stage != "fit":
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        if self.class_name is None:
+        if self.options.class_name is None:
             category = str(getattr(datamodule, "category", "") or "")
             class_name = category or DEFAULT_CLASS_NAME
             logger.info("H2VLR prompts name the object class '%s' (from the datamodule's category).", class_name)
             self.model.set_class_name(class_name)
-        if self.k_shot is not None:
+        if self.options.k_shot is not None:
             self._keep_shots(datamodule)
 
     def _keep_shots(self, datamodule: Any) -> None:
         """Reduce the datamodule's training set to ``k_shot`` seeded normal shots (see the module docstring)."""
+        k_shot, seed = self.options.k_shot, self.options.seed
         if datamodule is None or not hasattr(datamodule, "train_data"):
             msg = (
-                f"H2VLR k_shot={self.k_shot} selects shots from a datamodule's training set, but training runs on "
+                f"H2VLR k_shot={k_shot} selects shots from a datamodule's training set, but training runs on "
                 "plain dataloaders: pass a datamodule, or pass exactly the shots and leave k_shot=None."
             )
             raise ValueError(msg)
         datamodule_shots = getattr(datamodule, "k_shot", None)
-        if datamodule_shots is not None and datamodule_shots != self.k_shot:
+        if datamodule_shots is not None and datamodule_shots != k_shot:
             msg = (
                 f"The datamodule {type(datamodule).__name__} already selects k_shot={datamodule_shots} shots, but "
-                f"H2VLR has k_shot={self.k_shot}: set the same value on both, or leave the model's k_shot=None."
+                f"H2VLR has k_shot={k_shot}: set the same value on both, or leave the model's k_shot=None."
             )
             raise ValueError(msg)
         train_data = datamodule.train_data
-        if len(train_data) == self.k_shot and len(normal_positions(train_data)) == self.k_shot:
+        if len(train_data) == k_shot and len(normal_positions(train_data)) == k_shot:
             return
-        subset = few_shot_subset(train_data, self.k_shot, strategy=self.shot_selection, seed=self.seed)
+        subset = few_shot_subset(train_data, k_shot, strategy=self.options.shot_selection, seed=seed)
         logger.info(
             "H2VLR k_shot=%d: training on %d of the %d training images of %s; the others are not used.",
-            self.k_shot,
+            k_shot,
             len(subset),
             len(train_data),
             type(datamodule).__name__,
@@ -470,6 +405,7 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
             )
         logger.info("H2VLR support set (%d shots): %s", len(self.shots), ", ".join(self.shots))
         self.model.set_support(support)
+        self._support_batch = support  # the steps' images (shots and their synthetic anomalies) come from here
         self._inference_state_stale = False
         logger.info(
             "H2VLR: %d learnable parameters (%d prompts for class '%s').",
@@ -479,14 +415,11 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
         )
 
     def on_train_start(self) -> None:
-        """Read the support set without a datamodule; plan epoch lengths; warn when the last epoch is not validated."""
-        if not self.model.is_fitted:
+        """Read the support set without a datamodule; warn when the last epoch is not validated."""
+        if not self.model.is_fitted or self._support_batch is None:
             self._load_support()
-        loader = self.trainer.train_dataloader  # Lightning returns the iterables: a dict for cross-domain data
-        if isinstance(loader, CombinedLoader):
-            loader = loader.iterables
-        self._batches_per_epoch = len(loader[TARGET]) if isinstance(loader, Mapping) else None
-        final_epoch = min(self.epochs, self.trainer.max_epochs) if self.trainer.max_epochs else self.epochs
+        epochs = self.options.epochs
+        final_epoch = min(epochs, self.trainer.max_epochs) if self.trainer.max_epochs else epochs
         every = self.trainer.check_val_every_n_epoch
         if self.trainer.enable_validation and every and final_epoch % every:
             logger.warning(
@@ -498,20 +431,42 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
             )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
-        """End a cross-domain epoch after one pass over the target shots (Lightning skips the rest on -1)."""
-        if self._batches_per_epoch is not None and batch_idx >= self._batches_per_epoch:
-            return -1
-        return None
+        """Let the first loader batch of an epoch run the epoch's steps; skip the rest of the epoch (-1)."""
+        del batch
+        return -1 if batch_idx > 0 else None
 
     def training_step(self, batch: Batch | dict[str, Batch], batch_idx: int) -> STEP_OUTPUT:
-        """One SGD step on Eq. 8 over the shots of the batch and their synthetic-anomaly copies."""
-        del batch_idx
-        _, shots = split_domains(batch)  # cross-domain batches: only the target shots are used
-        shot_index = self._shot_index(shots.image_path)
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # Perlin draws: seeded per step, identical on every rank
-            torch.manual_seed(self.seed * SEED_STRIDE + self.global_step)
-            synthetic = self.synthesizer(shots.image, shot_index)
+        """One epoch: SGD steps on Eq. 8 over the stored support set, ``batch_size`` shots per step.
+
+        The loader's batch is not read (module docstring): the steps, their shots and their synthetic anomalies follow
+        from ``seed``, the epoch and the step number alone.
+        """
+        del batch, batch_idx
+        total = None
+        for shots in self.epoch_batches(self.current_epoch):
+            total = self._optimisation_step(shots)
+        return {"loss": total}
+
+    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        """Return the support-set positions of the shots of each step of ``epoch``.
+
+        All shots in one step when they fit ``batch_size``; otherwise a permutation drawn from ``(seed, epoch)``, cut
+        into steps of ``batch_size`` (each sorted).
+        """
+        if self._support_batch is None:
+            msg = "H2VLR has no support images: training starts with on_fit_start/on_train_start."
+            raise RuntimeError(msg)
+        num_shots, batch_size = self._support_batch.shape[0], self.options.batch_size
+        if num_shots <= batch_size:
+            return [torch.arange(num_shots)]
+        with seeded(self.options.seed, "shot order", epoch):
+            order = torch.randperm(num_shots)
+        return [chunk.sort().values for chunk in order.split(batch_size)]
+
+    def _optimisation_step(self, shot_index: torch.Tensor) -> torch.Tensor:
+        """One SGD step on the shots ``shot_index`` and their synthetic anomalies (keyed by seed, step and shot)."""
+        shots = self._support_batch[shot_index.to(self._support_batch.device)]
+        synthetic = self.synthesizer(shots, shot_index.to(self.device), step=self.global_step)
         losses = self.model.training_losses(synthetic.images, synthetic.masks, synthetic.shot_index, synthetic.clean)
         optimizer = self.optimizers()
         optimizer.zero_grad()
@@ -525,27 +480,16 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
         for name, value in losses._asdict().items():
             if name != "total":
                 self.log(f"train/loss_{name}", value.detach(), on_step=False, on_epoch=True, batch_size=batch_size)
-        return {"loss": losses.total.detach()}
-
-    def _shot_index(self, paths: Sequence[str]) -> torch.Tensor:
-        """Position of each batch image in the support set (by path)."""
-        positions = {path: index for index, path in enumerate(self.shots)}
-        missing = [str(path) for path in paths if str(path) not in positions]
-        if missing:
-            msg = f"Training images outside the support set read at fit start: {missing[:3]}."
-            raise RuntimeError(msg)
-        return torch.tensor([positions[str(path)] for path in paths], device=self.device)
+        return losses.total.detach()
 
     def on_train_epoch_end(self) -> None:
         """Log progress; stop the trainer after ``epochs`` epochs."""
-        epoch = self.current_epoch + 1
+        epoch, epochs = self.current_epoch + 1, self.options.epochs
         metrics = self.trainer.callback_metrics
-        if epoch == 1 or epoch % 10 == 0 or epoch >= self.epochs:
+        if epoch == 1 or epoch % 10 == 0 or epoch >= epochs:
             loss = metrics.get("train/loss")
-            logger.info(
-                "H2VLR epoch %d/%d: L = %s", epoch, self.epochs, f"{float(loss):.5f}" if loss is not None else "n/a"
-            )
-        if epoch >= self.epochs:
+            logger.info("H2VLR epoch %d/%d: L = %s", epoch, epochs, f"{float(loss):.5f}" if loss is not None else "n/a")
+        if epoch >= epochs:
             self.trainer.should_stop = True
 
     def on_train_end(self) -> None:
@@ -620,3 +564,8 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
         self._backbone_fingerprint = actual
         for name, tensor in self.model.backbone.clip.state_dict().items():
             state_dict[BACKBONE_PREFIX + name] = tensor
+
+
+# The options' documentation has one source, H2VLROptions: it becomes the Args entries of this class (read by Python's
+# help() and by the CLI's --help through jsonargparse).
+H2VLR.__doc__ = (H2VLR.__doc__ or "").replace("    Args:\n", "    Args:\n" + options_docstring() + "\n", 1)

@@ -15,7 +15,10 @@ with lambda_str = 0.02 and lambda_seg = 1.
 
 - Eq. 10, :math:`L_{str}` = focal + BCE of the node scores M_hg against the mask downsampled to the patch grid (area
   fraction of defect pixels per patch, a soft target) + :math:`\xi\, s^\top L_H s / N`, the combinatorial hypergraph
-  Laplacian smoothness of the node scores (zero when scores agree inside every hyperedge), xi ours: 1.
+  Laplacian smoothness of the node scores (zero when scores agree inside every hyperedge), xi ours: 1. The Laplacian
+  term sees the hyperedge weights W only as constants divided by their mean (per image): it is a smoothness prior on
+  the scores and must not be lowered by shrinking every weight towards 0 while no score changes (it is invariant to
+  a common scale of W, and gives W no gradient).
 - Eq. 11, :math:`L_{seg}` = Dice + focal on M* + :math:`\mathrm{mean}((1 - Y)\, W_{sem}\, M^*)` with
   :math:`W_{sem} = 1 + (1 - M_{txt})`: a false alarm costs more where the text evidence says "normal". Computed at
   image resolution on the bilinearly upsampled maps (W_sem is a weight: no gradient flows through it).
@@ -27,7 +30,6 @@ Focal losses (ours): gamma = 2, no class balancing, on probabilities, soft targe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -35,22 +37,10 @@ import torch.nn.functional as F  # noqa: N812
 
 from anomalib_hypergraph.hypergraph import HeterogeneousHypergraph
 
+from .options import H2VLROptions
 from .prompts import PromptEmbeddings
 
 EPSILON = 1e-6
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Weights and margins of the objective (paper values where it gives them, ours otherwise)."""
-
-    lambda_str: float = 0.02
-    lambda_seg: float = 1.0
-    lambda_image: float = 1.0
-    laplacian_weight: float = 1.0
-    focal_gamma: float = 2.0
-    eam_margin: float = 0.1
-    triplet_margin: float = 0.1
 
 
 class H2VLRLosses(NamedTuple):
@@ -94,7 +84,7 @@ def alignment_loss(
     anomalous_tokens: torch.Tensor,
     prompts: PromptEmbeddings,
     logit_scale: torch.Tensor | float,
-    config: LossConfig,
+    options: H2VLROptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 9: (L_align, v2t, triplet, EAM) of unit-length normal ``(n, D)`` and anomalous ``(a, D)`` tokens."""
     normal_centre, anomaly_centre = prompts.normal_centre, prompts.anomaly_centre
@@ -106,19 +96,21 @@ def alignment_loss(
         return torch.linalg.vector_norm(tokens - centre, dim=-1)
 
     hinges = [
-        F.relu(distance(normal_tokens, normal_centre) - distance(normal_tokens, anomaly_centre) + config.triplet_margin)
+        F.relu(
+            distance(normal_tokens, normal_centre) - distance(normal_tokens, anomaly_centre) + options.triplet_margin
+        )
     ]
     if anomalous_tokens.shape[0]:
         hinges.append(
             F.relu(
                 distance(anomalous_tokens, anomaly_centre)
                 - distance(anomalous_tokens, normal_centre)
-                + config.triplet_margin
+                + options.triplet_margin
             )
         )
     triplet = torch.cat(hinges).mean()
     similarity_gap = normal_tokens @ anomaly_centre - normal_tokens @ normal_centre
-    eam = F.relu(similarity_gap + config.eam_margin).mean()  # Eq. 9: EAM
+    eam = F.relu(similarity_gap + options.eam_margin).mean()  # Eq. 9: EAM
     return v2t + triplet + eam, v2t, triplet, eam
 
 
@@ -127,23 +119,29 @@ def structural_loss(
     patch_targets: torch.Tensor,
     hypergraph: HeterogeneousHypergraph,
     edge_weight: torch.Tensor,
-    config: LossConfig,
+    options: H2VLROptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 10: (L_str, Laplacian term) of node scores ``(B, N)`` against patch targets ``(B, N)``."""
-    laplacian = hypergraph.laplacian_quadratic(node_scores, edge_weight).mean() / node_scores.shape[1]  # s^T L_H s / N
-    supervised = focal_loss(node_scores, patch_targets, config.focal_gamma) + binary_cross_entropy(
+    """Eq. 10: (L_str, Laplacian term) of node scores ``(B, N)`` against patch targets ``(B, N)``.
+
+    ``edge_weight`` ``(E,)`` or ``(B, E)`` enters the Laplacian term detached and divided by its mean (module
+    docstring), so the term is unchanged by a common scale of the weights.
+    """
+    weight = edge_weight.detach()
+    weight = weight / weight.mean(dim=-1, keepdim=True).clamp_min(EPSILON)  # scale-free, no gradient to W
+    laplacian = hypergraph.laplacian_quadratic(node_scores, weight).mean() / node_scores.shape[1]  # s^T L_H s / N
+    supervised = focal_loss(node_scores, patch_targets, options.focal_gamma) + binary_cross_entropy(
         node_scores, patch_targets
     )
-    return supervised + config.laplacian_weight * laplacian, laplacian  # Eq. 10
+    return supervised + options.laplacian_weight * laplacian, laplacian  # Eq. 10
 
 
 def segmentation_loss(
-    corrected: torch.Tensor, masks: torch.Tensor, text_map: torch.Tensor, config: LossConfig
+    corrected: torch.Tensor, masks: torch.Tensor, text_map: torch.Tensor, options: H2VLROptions
 ) -> torch.Tensor:
     """Eq. 11: Dice + focal on M* ``(B, 1, H, W)`` + semantic-weighted false-alarm penalty, W_sem = 1 + (1 - M_txt)."""
     semantic_weight = 1.0 + (1.0 - text_map.detach())  # W_sem
     penalty = ((1.0 - masks) * semantic_weight * corrected).mean()
-    return dice_loss(corrected, masks) + focal_loss(corrected, masks, config.focal_gamma) + penalty  # Eq. 11
+    return dice_loss(corrected, masks) + focal_loss(corrected, masks, options.focal_gamma) + penalty  # Eq. 11
 
 
 def image_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -156,10 +154,10 @@ def total_loss(
     structural: torch.Tensor | None,
     segmentation: torch.Tensor,
     image: torch.Tensor,
-    config: LossConfig,
+    options: H2VLROptions,
 ) -> torch.Tensor:
     """Eq. 8: L = L_align + lambda_str L_str + lambda_seg L_seg (+ lambda_img L_img); L_str is None when HSR is off."""
-    loss = align + config.lambda_seg * segmentation + config.lambda_image * image
+    loss = align + options.lambda_seg * segmentation + options.lambda_image * image
     if structural is not None:
-        loss = loss + config.lambda_str * structural
+        loss = loss + options.lambda_str * structural
     return loss  # Eq. 8

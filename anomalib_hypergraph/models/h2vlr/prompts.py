@@ -1,22 +1,26 @@
-"""Dynamic Semantic Induction (DSI, Eq. 1-2): support-conditioned learnable prompts and semantic centres.
+r"""Dynamic Semantic Induction (DSI, Eq. 1-2): support-conditioned learnable prompts and semantic centres.
 
 Each prompt is ``[V_1 .. V_m] <state words>.`` where the m context vectors V are learnable per prompt. DSI conditions
-them on the support set: the global support feature G_s (mean of the normalised image embeddings of the k shots)
-goes through the learnable mapper Psi (Linear D -> D/16, ReLU, Linear D/16 -> text width; 640 -> 40 -> 640 for
-``ViT-B-16-plus-240``) and the result C_S is added to every context vector of every prompt (Eq. 1-2, as in
-conditional prompt learning). Prompts come in groups:
+them on the support set (Eq. 1): the global support feature G_s (mean of the normalised image embeddings of the k
+shots) goes through the learnable mapper Psi (ours: Linear D -> D/16, ReLU, Linear D/16 -> text width; 640 -> 40 ->
+640 for ``ViT-B-16-plus-240``) and the support context :math:`C_S = \Psi(G_s)` is multiplied element-wise into every
+context vector of every prompt, :math:`V^{(i)}_j \odot C_S` (``conditioning="multiply"``, the paper's Eq. 1), or
+added to it, :math:`V^{(i)}_j + C_S` (``"add"``, our earlier, CoCoOp-style reading). Prompts come in groups:
 
 - **normal**: the normal states of :data:`~.vocabulary.NORMAL_STATES`;
 - **Global** (G): generic anomaly states (:data:`~.vocabulary.GLOBAL_ANOMALY_STATES`);
 - **Special** (S): class-specific defect states (:func:`~.vocabulary.special_states`, generic fallback);
 - **Local** (L): ``[V] [A_1 .. A_r] <object>.`` with r learnable anomaly tokens A per prompt instead of words.
 
-The frozen text encoder maps every prompt to T_k^(i); the semantic centres are C_n = normalise(mean of the normal
-T) and C_a = normalise(mean of the abnormal T) (Eq. 2).
+Eq. 2: the frozen text encoder maps every prompt to :math:`T_k^{(i)}`; the semantic centres are C_n = normalise(mean
+of the normal T) and C_a = normalise(mean of the abnormal T). A normal patch token is expected to be more similar to
+C_n than to C_a: that is the direction of Eq. 9's margin and of the text map M_txt (the inequality printed with
+Eq. 2 runs the other way, which would contradict both; we follow Eq. 9).
 
 Choices (ours, parameters): the context vectors start as the token embeddings of ``context_init`` ("a photo of a",
-so m = 4 and the untrained prompts are hand-written CLIP prompts); Psi's last layer starts at zero (C_S = 0 at the
-start, so conditioning is learned, not imposed); r = 2 anomaly tokens in each of 4 Local prompts.
+so m = 4); Psi's output layer starts at the neutral element of the combination (weight 0, bias 1 for the product,
+bias 0 for the sum), so C_S starts neutral and the untrained prompts are the hand-written CLIP prompts:
+conditioning is learned, not imposed; r = 2 anomaly tokens in each of 4 Local prompts.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from torch import nn
 
 from anomalib_hypergraph.backbones import ClipBackbone
 
+from .options import PROMPT_GROUPS, SUPPORT_CONDITIONINGS
 from .vocabulary import GLOBAL_ANOMALY_STATES, NORMAL_STATES, object_name, special_states
 
-PROMPT_GROUPS = ("global", "special", "local")
 PLACEHOLDER = "X"  # a one-token word whose embedding is replaced by a learned vector
 INIT_STD = 0.02
 
@@ -55,7 +59,7 @@ class PromptEmbeddings(NamedTuple):
 
 
 class PromptLearner(nn.Module):
-    """Learnable, support-conditioned prompt ensemble of one object class (Eq. 1-2).
+    """Learnable, support-conditioned prompt ensemble of one object class (Eq. 1-2, module docstring).
 
     The CLIP model is not a submodule: it is passed to :meth:`forward` (it belongs to the parent model).
 
@@ -68,7 +72,8 @@ class PromptLearner(nn.Module):
         groups: abnormal prompt groups to use, a subset of ``("global", "special", "local")``.
         num_local_prompts: number of Local prompts.
         local_prompt_tokens: r, learnable anomaly tokens per Local prompt.
-        use_support_conditioning: DSI on (the mapper Psi adds C_S = Psi(G_s) to the contexts) or off (static context).
+        use_support_conditioning: DSI on (the contexts are combined with C_S = Psi(G_s)) or off (static contexts).
+        conditioning: ``"multiply"`` (element-wise, Eq. 1) or ``"add"`` C_S to every context vector.
         mapper_reduction: hidden size of Psi = D / ``mapper_reduction`` (16: 640 -> 40 -> 640).
 
     """
@@ -84,9 +89,14 @@ class PromptLearner(nn.Module):
         num_local_prompts: int = 4,
         local_prompt_tokens: int = 2,
         use_support_conditioning: bool = True,
+        conditioning: str = "multiply",
         mapper_reduction: int = 16,
     ) -> None:
         super().__init__()
+        if conditioning not in SUPPORT_CONDITIONINGS:
+            msg = f"conditioning must be one of {SUPPORT_CONDITIONINGS}, got {conditioning!r}."
+            raise ValueError(msg)
+        self.conditioning = conditioning
         unknown = [group for group in groups if group not in PROMPT_GROUPS]
         if unknown or not groups:
             msg = f"prompt groups must be a non-empty subset of {PROMPT_GROUPS}, got {list(groups)}."
@@ -150,8 +160,8 @@ class PromptLearner(nn.Module):
             self.mapper = nn.Sequential(
                 nn.Linear(backbone.embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, backbone.text_width)
             )
-            nn.init.zeros_(self.mapper[-1].weight)
-            nn.init.zeros_(self.mapper[-1].bias)
+            nn.init.zeros_(self.mapper[-1].weight)  # C_S starts neutral: 1 for the product, 0 for the sum
+            nn.init.constant_(self.mapper[-1].bias, 1.0 if conditioning == "multiply" else 0.0)
 
     @property
     def num_prompts(self) -> int:
@@ -163,8 +173,10 @@ class PromptLearner(nn.Module):
         embeddings = backbone.token_embedding(self.tokens)  # (P, L, width), frozen vocabulary
         context = self.context
         if self.mapper is not None and support_feature is not None:
-            conditioning = self.mapper(support_feature)  # Eq. 1: C_S = Psi(G_s)
-            context = context + conditioning  # Eq. 2: support-conditioned context V^(i) + C_S
+            support_context = self.mapper(support_feature)  # Eq. 1: C_S = Psi(G_s)
+            multiply = self.conditioning == "multiply"
+            # Eq. 1: V^(i) (element-wise) C_S; or our earlier reading V^(i) + C_S
+            context = context * support_context if multiply else context + support_context
         start, stop = 1, 1 + self.context_length
         fixed = self.num_fixed_prompts
         rows = [torch.cat([embeddings[:fixed, :start], context[:fixed], embeddings[:fixed, stop:]], dim=1)]
@@ -176,7 +188,7 @@ class PromptLearner(nn.Module):
                     dim=1,
                 )
             )
-        text = backbone.encode_token_embeddings(torch.cat(rows), self.tokens)  # Eq. 2: T_k^(i) = TextEnc(prompt)
+        text = backbone.encode_token_embeddings(torch.cat(rows), self.tokens)  # Eq. 2: T_k^(i), frozen text encoder
         text = F.normalize(text, dim=-1)
         normal_centre = F.normalize(text[~self.is_abnormal].mean(dim=0), dim=-1)  # Eq. 2: C_n
         anomaly_centre = F.normalize(text[self.is_abnormal].mean(dim=0), dim=-1)  # Eq. 2: C_a

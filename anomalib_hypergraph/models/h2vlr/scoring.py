@@ -11,10 +11,11 @@ All maps are per patch, ``(B, N)``, in [0, 1]:
   normal image's hypergraph evidence is centred at 0) and beta a learnable scale (ours; starts at 1);
 - Eq. 7: :math:`M^* = \mathrm{clamp}(M_{base} + \eta M_{res}, 0, 1)`, eta = 0.4.
 
-The image score is a small MLP on the soft histogram of :math:`M^*` (ours: 16 bins with centres (b + 0.5) / 16, each
-patch spread over the bins by a softmax of :math:`-(m - c_b)^2 / 2h^2` with h the bin width, then averaged over the
-patches, so the histogram sums to 1; MLP 16 -> 32 -> 1 with a sigmoid, initialised as an increasing function of the
-histogram's upper tail, see :class:`HistogramImageHead`).
+The image score is a small MLP on a learnable soft histogram of :math:`M^*` (paper: soft-histogram pooling, learnable;
+ours: 16 bins, each patch spread over the bins by a softmax of :math:`-(m - c_b)^2 / 2h_b^2` and averaged over the
+patches, so the histogram sums to 1; centres :math:`c_b` start at (b + 0.5) / 16 and widths :math:`h_b` at the bin
+width, both learned unless ``learnable=False``; MLP 16 -> 32 -> 1 with a sigmoid, initialised as an increasing
+function of the histogram's upper tail, see :class:`HistogramImageHead`).
 """
 
 from __future__ import annotations
@@ -71,26 +72,33 @@ def corrected_map(
     return torch.clamp(base + eta * residual, 0.0, 1.0)  # Eq. 7
 
 
-def soft_histogram(maps: torch.Tensor, num_bins: int, bandwidth: float | None = None) -> torch.Tensor:
-    """Differentiable histogram ``(B, num_bins)`` of per-patch scores ``(B, N)`` in [0, 1]; each row sums to 1.
+def uniform_bins(num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centres ``(b + 0.5) / num_bins`` and widths ``1 / num_bins`` of ``num_bins`` equal bins over [0, 1]."""
+    if num_bins < 2:
+        msg = f"A soft histogram needs at least 2 bins, got {num_bins}."
+        raise ValueError(msg)
+    centres = (torch.arange(num_bins, dtype=torch.float32) + 0.5) / num_bins
+    return centres, torch.full((num_bins,), 1.0 / num_bins)
+
+
+def soft_histogram(maps: torch.Tensor, centres: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Differentiable histogram ``(B, bins)`` of per-patch scores ``(B, N)``; each row sums to 1.
 
     Args:
         maps: ``(B, N)`` scores.
-        num_bins: number of bins, centres ``(b + 0.5) / num_bins``.
-        bandwidth: Gaussian width of the soft assignment; None = the bin width.
+        centres: ``(bins,)`` bin centres.
+        widths: ``(bins,)`` Gaussian widths of the soft assignment (positive).
 
     """
-    if num_bins < 2:
-        msg = f"soft_histogram needs at least 2 bins, got {num_bins}."
-        raise ValueError(msg)
-    width = bandwidth if bandwidth is not None else 1.0 / num_bins
-    centres = (torch.arange(num_bins, device=maps.device, dtype=maps.dtype) + 0.5) / num_bins
-    assignment = torch.softmax(-((maps.unsqueeze(-1) - centres) ** 2) / (2.0 * width**2), dim=-1)  # (B, N, bins)
-    return assignment.mean(dim=1)
+    logits = -((maps.unsqueeze(-1) - centres) ** 2) / (2.0 * widths**2)  # (B, N, bins)
+    return torch.softmax(logits, dim=-1).mean(dim=1)
 
 
 class HistogramImageHead(nn.Module):
     """Image anomaly score from the soft histogram of the corrected map: MLP(bins -> hidden -> 1), sigmoid.
+
+    The histogram's bin centres and log-widths are parameters (learned with ``learnable=True``, the paper's learnable
+    soft histogram; frozen at the uniform bins otherwise; the same state entries either way).
 
     Initialisation (ours, ``init="tail"``): the first ``num_bins`` hidden units start as the upper-tail masses of the
     histogram (unit j sums the bins >= j), the output layer as a rising ramp over them (the other hidden units start
@@ -101,10 +109,11 @@ class HistogramImageHead(nn.Module):
         num_bins: histogram bins.
         hidden: hidden units (>= ``num_bins`` with ``init="tail"``).
         init: ``"tail"`` or ``"random"``.
+        learnable: learn the bin centres and widths.
 
     """
 
-    def __init__(self, num_bins: int = 16, hidden: int = 32, init: str = "tail") -> None:
+    def __init__(self, num_bins: int = 16, hidden: int = 32, init: str = "tail", learnable: bool = True) -> None:
         super().__init__()
         if init not in {"tail", "random"}:
             msg = f"image head init must be 'tail' or 'random', got {init!r}."
@@ -113,6 +122,9 @@ class HistogramImageHead(nn.Module):
             msg = f"image head init='tail' needs hidden >= num_bins, got hidden={hidden}, num_bins={num_bins}."
             raise ValueError(msg)
         self.num_bins = num_bins
+        centres, widths = uniform_bins(num_bins)
+        self.bin_centres = nn.Parameter(centres, requires_grad=learnable)
+        self.bin_log_widths = nn.Parameter(widths.log(), requires_grad=learnable)
         self.mlp = nn.Sequential(nn.Linear(num_bins, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         if init == "tail":
             with torch.no_grad():
@@ -125,7 +137,8 @@ class HistogramImageHead(nn.Module):
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """Scores ``(B,)`` in (0, 1) of per-patch maps ``(B, N)``."""
-        return torch.sigmoid(self.mlp(soft_histogram(maps, self.num_bins)).squeeze(-1))
+        histogram = soft_histogram(maps, self.bin_centres, self.bin_log_widths.exp())
+        return torch.sigmoid(self.mlp(histogram).squeeze(-1))
 
 
 def upsample_map(patch_map: torch.Tensor, grid_size: tuple[int, int], image_size: tuple[int, int]) -> torch.Tensor:

@@ -6,7 +6,8 @@ One ``nn.Module`` with
   value "surgery" stream by default), CLS embeddings, and gallery tokens of intermediate blocks;
 - Dynamic Semantic Induction (Eq. 1-2, :mod:`.prompts`): support-conditioned learnable prompt groups and the
   semantic centres C_n, C_a;
-- the heterogeneous hypergraph reasoner (Eq. 3-4, :mod:`.reasoning`) and its anomaly head (M_hg);
+- the heterogeneous hypergraph (Eq. 3) and its message passing over the visual nodes (Eq. 4, :mod:`.reasoning`), with
+  the anomaly head (M_hg);
 - anomaly inference (Eq. 5-7, :mod:`.scoring`): base map from text and support-gallery evidence, residual correction
   by the hypergraph, soft-histogram image head;
 - the objective (Eq. 8-11, :mod:`.losses`) evaluated by :meth:`H2VLRModel.training_losses`.
@@ -17,15 +18,17 @@ calling :meth:`H2VLRModel.refresh_inference_state`. Everything inference needs (
 feature, encoded prompts and centres, centring bias mu) is kept in persistent buffers, so a checkpoint reproduces the
 scores; inference never runs the text encoder. :meth:`forward` returns an :class:`InferenceBatch`.
 
-Ablation switches (paper Table 4, our reading): ``use_dsi`` (support conditioning through Psi), ``use_sghm`` (the
-semantic-guided hypergraph module: Eq. 3-4, M_hg, the residual correction Eq. 6-7), ``use_hsr`` (hypergraph structural
-regularisation: L_str, Eq. 10). All off = the SAB baseline (learnable prompts, base map Eq. 5, image head).
+Ablation switches (paper Table 4, our reading; :class:`~.options.H2VLROptions`): ``use_dsi`` (support conditioning
+through Psi, Eq. 1), ``use_hsr`` (high-order structural reasoning: message passing Eq. 4, M_hg and the correction
+Eq. 6-7; off, the base map of Eq. 5 goes straight to the image head), ``use_sghm`` (prompt nodes and semantic
+hyperedges in the reasoning's hypergraph). ``use_structural_loss`` switches L_str (Eq. 10) on its own; ``use_dsi`` and
+``use_hsr`` off = the SAB baseline (learnable prompts, base map Eq. 5, image head).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+import logging
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -39,14 +42,14 @@ from anomalib_hypergraph.models.smoothing import SeparableGaussianBlur
 
 from .losses import (
     H2VLRLosses,
-    LossConfig,
     alignment_loss,
     image_loss,
     segmentation_loss,
     structural_loss,
     total_loss,
 )
-from .prompts import PROMPT_GROUPS, PromptEmbeddings, PromptLearner
+from .options import H2VLROptions
+from .prompts import PromptEmbeddings, PromptLearner
 from .reasoning import HypergraphReasoner, ReasoningOutput
 from .scoring import (
     HistogramImageHead,
@@ -56,9 +59,18 @@ from .scoring import (
     upsample_map,
     visual_anomaly_map,
 )
+from .seeding import seeded
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CLASS_NAME = "object"
 ENCODE_CHUNK = 16  # support images per CLIP forward pass
+
+
+def shifted_view(images: torch.Tensor, shift: int) -> torch.Tensor:
+    """Move images ``shift`` pixels right and down; the uncovered border is filled by reflection (same size)."""
+    padded = F.pad(images, (shift, 0, shift, 0), mode="reflect")
+    return padded[..., : images.shape[-2], : images.shape[-1]]
 
 
 class EncodedImages(NamedTuple):
@@ -84,138 +96,65 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
     """H2VLR as a pure ``nn.Module`` (see the module docstring).
 
     Args:
-        backbone: open_clip architecture (paper: ``ViT-B-16-plus-240``).
-        pretrained: load the pretrained CLIP weights ``pretrained_tag`` (hub or open_clip's cache); False gives
-            random weights without network access. Ignored when ``pretrained_weights`` is given.
-        pretrained_tag: open_clip pretrained tag (paper: ``laion400m_e32``).
-        pretrained_weights: local state dict of the whole CLIP model (air-gapped machines); takes precedence.
-        backbone_config: open_clip model config (dict) registered under ``backbone`` when open_clip does not know
-            that name (tiny test models, custom architectures).
-        class_name: object class of the prompts; None = ``"object"`` until :meth:`set_class_name` is called.
-        token_source: text-aligned patch tokens from the value-value ``"surgery"`` stream or the ``"final"`` tokens.
-        surgery_depth: blocks in the value-value stream (None: half of the blocks).
-        gallery_layers: 0-based blocks whose patch tokens form the visual support gallery (paper: blocks 2 and 7).
-        context_init: words initialising the learnable prompt context (None: ``context_length`` random vectors).
-        context_length: context vectors per prompt when ``context_init`` is None.
-        prompt_groups: abnormal prompt groups, subset of ``("global", "special", "local")``.
-        num_local_prompts: Local prompts (learnable anomaly tokens).
-        local_prompt_tokens: learnable anomaly tokens per Local prompt.
-        num_neighbors: K of the structural hyperedges (paper: 8).
-        num_semantic_neighbors: K of the semantic hyperedges (paper: 8).
-        num_layers: L hypergraph layers (paper: 2).
-        head_reduction: hidden size of the anomaly head = D / ``head_reduction``.
-        alpha: weight of the text map in the base map, Eq. 5 (paper: 0.5).
-        eta: weight of the residual correction, Eq. 7 (paper: 0.4).
-        residual_scale: initial value of the learnable beta of Eq. 6.
-        histogram_bins: bins of the soft histogram of the image head.
-        image_head_hidden: hidden units of the image-head MLP.
-        image_head_init: ``"tail"`` (starts as an increasing function of the histogram's upper tail) or ``"random"``.
-        text_temperature: logit scale of text similarities; None = the CLIP model's learned one.
-        sigma: Gaussian smoothing of the upsampled anomaly map (0: none).
-        use_dsi: ablation switch, support conditioning of the prompts (Psi, Eq. 1).
-        use_sghm: ablation switch, hypergraph reasoning and residual correction (Eq. 3-4, 6-7).
-        use_hsr: ablation switch, the structural loss L_str (Eq. 10); needs ``use_sghm``.
-        loss_config: weights and margins of the objective (Eq. 8-11).
-        leave_one_out: during training, match each image against the gallery of the *other* shots (with one shot:
-            against itself), so the visual evidence is not trivially zero for re-submitted support images.
-        chunk_size: block size of the cosine top-k searches.
-        seed: seed of every random initialisation (random CLIP weights, prompt vectors, hypergraph layers, heads),
-            drawn from a private generator at construction and in :meth:`set_class_name`.
+        options: every option (:class:`~.options.H2VLROptions`, documented there); None = the defaults.
+        overrides: options given by name, replacing those of ``options`` (``H2VLRModel(class_name="bottle")``).
+            Options that only the training loop reads (``k_shot``, ``lr``, ...) are kept but not used here.
+
+    Initialisation: every part draws from its own seed derived from ``options.seed`` (:func:`~.seeding.seeded`: the
+    random CLIP weights, the prompt learner, the hypergraph reasoner, beta and the image head), so the start is the
+    same whatever torch's global generator holds and whether the class name comes from the constructor or later
+    from :meth:`set_class_name`.
 
     """
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "ViT-B-16-plus-240",
-        pretrained: bool = True,
-        pretrained_tag: str = "laion400m_e32",
-        pretrained_weights: str | Path | None = None,
-        backbone_config: Mapping | None = None,
-        class_name: str | None = None,
-        token_source: str = "surgery",
-        surgery_depth: int | None = None,
-        gallery_layers: Sequence[int] = (2, 7),
-        context_init: str | None = "a photo of a",
-        context_length: int = 4,
-        prompt_groups: Sequence[str] = PROMPT_GROUPS,
-        num_local_prompts: int = 4,
-        local_prompt_tokens: int = 2,
-        num_neighbors: int = 8,
-        num_semantic_neighbors: int = 8,
-        num_layers: int = 2,
-        head_reduction: int = 4,
-        alpha: float = 0.5,
-        eta: float = 0.4,
-        residual_scale: float = 1.0,
-        histogram_bins: int = 16,
-        image_head_hidden: int = 32,
-        image_head_init: str = "tail",
-        text_temperature: float | None = None,
-        sigma: float = 4.0,
-        use_dsi: bool = True,
-        use_sghm: bool = True,
-        use_hsr: bool = True,
-        loss_config: LossConfig | None = None,
-        leave_one_out: bool = True,
-        chunk_size: int = 4096,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, options: H2VLROptions | None = None, **overrides: object) -> None:
         super().__init__()
-        if use_hsr and not use_sghm:
-            msg = "use_hsr=True needs use_sghm=True: the structural loss L_str acts on the hypergraph's node scores."
-            raise ValueError(msg)
-        if not 0.0 <= alpha <= 1.0:
-            msg = f"alpha (Eq. 5) must lie in [0, 1], got {alpha}."
-            raise ValueError(msg)
-        if sigma < 0:
-            msg = f"sigma must be >= 0, got {sigma}."
-            raise ValueError(msg)
-        self.seed = seed
-        with torch.random.fork_rng(devices=[]):  # private generator: the global RNG does not matter
-            torch.manual_seed(seed)
-            if backbone_config is not None:
-                register_open_clip_config(backbone, backbone_config)
+        options = replace(options, **overrides) if options is not None else H2VLROptions(**overrides)
+        self.options = options
+        for name in options.inert_switches():
+            logger.info("H2VLR use_hsr=False: no hypergraph reasoning, so %s=True has no effect.", name)
+        seed = options.seed
+        if options.backbone_config is not None:
+            register_open_clip_config(options.backbone, options.backbone_config)
+        with seeded(seed, "backbone"):  # random CLIP weights (pretrained=False)
             self.backbone = ClipBackbone(
-                backbone,
-                pretrained=pretrained_tag if pretrained else None,
-                pretrained_weights=pretrained_weights,
-                token_source=token_source,
-                surgery_depth=surgery_depth,
-                gallery_layers=gallery_layers,
+                options.backbone,
+                pretrained=options.pretrained_tag if options.pretrained else None,
+                pretrained_weights=options.pretrained_weights,
+                token_source=options.token_source,
+                surgery_depth=options.surgery_depth,
+                gallery_layers=options.gallery_layers,
             )
-            self.prompt_options = {
-                "context_init": context_init,
-                "context_length": context_length,
-                "groups": tuple(prompt_groups),
-                "num_local_prompts": num_local_prompts,
-                "local_prompt_tokens": local_prompt_tokens,
-                "use_support_conditioning": use_dsi,
-            }
-            self.class_name = class_name or DEFAULT_CLASS_NAME
-            self.prompts = PromptLearner(self.backbone, self.class_name, **self.prompt_options)
-            self.reasoner: HypergraphReasoner | None = None
-            if use_sghm:
+        self.class_name = options.class_name or DEFAULT_CLASS_NAME
+        self.prompts = self._build_prompts(self.class_name)
+        self.reasoner: HypergraphReasoner | None = None
+        if options.use_hsr:
+            with seeded(seed, "reasoner"):
                 self.reasoner = HypergraphReasoner(
                     self.backbone.embed_dim,
                     self.backbone.num_patches,
                     self.prompts.num_prompts,
-                    num_layers=num_layers,
-                    num_neighbors=num_neighbors,
-                    num_semantic_neighbors=num_semantic_neighbors,
-                    head_reduction=head_reduction,
-                    chunk_size=chunk_size,
+                    num_layers=options.num_layers,
+                    num_neighbors=options.num_neighbors,
+                    num_semantic_neighbors=options.num_semantic_neighbors,
+                    semantic=options.semantic_hyperedges,
+                    edge_weights=options.edge_weights,
+                    vertex_degree=options.vertex_degree,
+                    normalization=options.normalization,
+                    prompt_messages=options.prompt_messages,
+                    residual_update=options.residual_update,
+                    head_reduction=options.head_reduction,
+                    chunk_size=options.chunk_size,
                 )
-                self.residual_scale = nn.Parameter(torch.tensor(float(residual_scale)))  # beta of Eq. 6
-            self.image_head = HistogramImageHead(histogram_bins, image_head_hidden, image_head_init)
-            self.alpha = alpha
-            self.eta = eta
-            self.use_hsr = use_hsr
-            self.leave_one_out = leave_one_out
-            self.chunk_size = chunk_size
-            self.loss_config = loss_config or LossConfig()
-            self.text_temperature = text_temperature
-            self.blur = SeparableGaussianBlur(sigma) if sigma > 0 else None
+            self.residual_scale = nn.Parameter(torch.tensor(float(options.residual_scale)))  # beta of Eq. 6
+        with seeded(seed, "image head"):
+            self.image_head = HistogramImageHead(
+                options.histogram_bins,
+                options.image_head_hidden,
+                options.image_head_init,
+                learnable=options.learnable_histogram,
+            )
+        self.blur = SeparableGaussianBlur(options.sigma) if options.sigma > 0 else None
 
         # What inference needs; persistent so that checkpoints reproduce the scores exactly.
         self.register_buffer("support_gallery", torch.empty(0, 0, 0))  # (G, k*N, W), normalised
@@ -223,14 +162,32 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         self.register_buffer("prompt_embeddings", torch.empty(0, 0))  # (P, D), normalised
         self.register_buffer("semantic_centres", torch.empty(0, 0))  # (2, D): C_n, C_a
         self.register_buffer("residual_centre", torch.tensor(0.0))  # mu of Eq. 6
-        # Training only: the shots' text-aligned tokens, for mu.
+        # Training only: the shots' text-aligned tokens (for mu) and, with one shot, its shifted view's gallery.
         self.register_buffer("support_tokens", torch.empty(0, 0, 0), persistent=False)
+        self.register_buffer("support_view_gallery", torch.empty(0, 0, 0), persistent=False)
         self.support_gallery: torch.Tensor
         self.support_embedding: torch.Tensor
         self.prompt_embeddings: torch.Tensor
         self.semantic_centres: torch.Tensor
         self.residual_centre: torch.Tensor
         self.support_tokens: torch.Tensor
+        self.support_view_gallery: torch.Tensor
+
+    def _build_prompts(self, class_name: str) -> PromptLearner:
+        """Build the prompt learner of ``class_name``, always from the same derived seed (one initialisation path)."""
+        options = self.options
+        with seeded(options.seed, "prompts"):
+            return PromptLearner(
+                self.backbone,
+                class_name,
+                context_init=options.context_init,
+                context_length=options.context_length,
+                groups=tuple(options.prompt_groups),
+                num_local_prompts=options.num_local_prompts,
+                local_prompt_tokens=options.local_prompt_tokens,
+                use_support_conditioning=options.use_dsi,
+                conditioning=options.support_conditioning,
+            )
 
     # ------------------------------------------------------------------------------------------------ state
     @property
@@ -246,7 +203,8 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
     @property
     def logit_scale(self) -> torch.Tensor | float:
         """Inverse temperature of every text-image similarity (``text_temperature``, or CLIP's own as a tensor)."""
-        return self.text_temperature if self.text_temperature is not None else self.backbone.logit_scale
+        temperature = self.options.text_temperature
+        return temperature if temperature is not None else self.backbone.logit_scale
 
     def learnable_parameters(self) -> list[nn.Parameter]:
         """Every parameter that training updates (the CLIP model is frozen)."""
@@ -257,17 +215,16 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         return sum(parameter.numel() for parameter in self.learnable_parameters())
 
     def set_class_name(self, class_name: str) -> None:
-        """Rebuild the prompt ensemble (and the semantic hyperedge weights) for another object class.
+        """Rebuild the prompt ensemble (and free semantic hyperedge weights) for another object class.
 
-        The learned prompt parameters are reset; inference state that depends on the prompts is cleared.
+        The prompt parameters start exactly as if ``class_name`` had been given to the constructor; inference state
+        that depends on the prompts is cleared.
         """
         if class_name == self.class_name:
             return
         device = self.prompt_embeddings.device
         self.class_name = class_name
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.prompts = PromptLearner(self.backbone, class_name, **self.prompt_options).to(device)
+        self.prompts = self._build_prompts(class_name).to(device)
         if self.reasoner is not None:
             self.reasoner.resize_prompts(self.prompts.num_prompts)
         self.prompt_embeddings = self.prompt_embeddings.new_empty(0, 0)
@@ -298,7 +255,16 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         self.support_gallery = encoded.gallery.permute(1, 0, 2, 3).reshape(layers, num_shots * patches, width)
         self.support_embedding = F.normalize(encoded.embedding.mean(dim=0), dim=-1)  # G_s
         self.support_tokens = encoded.tokens
+        self.support_view_gallery = self.support_view_gallery.new_empty(0, 0, 0)
+        if num_shots == 1 and self.options.single_shot_gallery == "shifted_view":
+            view = self.encode(shifted_view(images, self.half_patch)).gallery  # (1, G, N, W)
+            self.support_view_gallery = view[0]
         self.refresh_inference_state()
+
+    @property
+    def half_patch(self) -> int:
+        """Half the patch size in pixels: the shift of the single-shot training view."""
+        return max(self.backbone.image_size[0] // self.backbone.grid_size[0] // 2, 1)
 
     def encode_prompts(self) -> PromptEmbeddings:
         """Encode the prompt ensemble conditioned on G_s (with gradients to the prompt parameters)."""
@@ -314,7 +280,7 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         self.prompt_embeddings = prompts.embeddings.detach().clone()
         self.semantic_centres = torch.stack([prompts.normal_centre, prompts.anomaly_centre]).detach().clone()
         if self.reasoner is not None and self.support_tokens.numel():
-            node_scores = self.reasoner(self.support_tokens, prompts.embeddings).node_scores
+            node_scores = self.reasoner(self.support_tokens, prompts.embeddings, self.logit_scale).node_scores
             self.residual_centre = node_scores.mean().detach().clone()  # mu: mean M_hg over the support images
 
     def stored_prompts(self) -> PromptEmbeddings:
@@ -331,7 +297,7 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         support_gallery: torch.Tensor,
         residual_centre: torch.Tensor,
     ) -> H2VLRScores:
-        """All maps of Eq. 5-7 and the image score for encoded images.
+        """All maps of Eq. 5-7 and the image score for encoded images (without HSR: M* = the base map).
 
         Args:
             encoded: the images' normalised features.
@@ -341,14 +307,16 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
 
         """
         text_map = text_anomaly_map(encoded.tokens, prompts.normal_centre, prompts.anomaly_centre, self.logit_scale)
-        visual_map = visual_anomaly_map(encoded.gallery, support_gallery, chunk_size=self.chunk_size)
-        base = base_map(text_map, visual_map, self.alpha)  # Eq. 5
+        visual_map = visual_anomaly_map(encoded.gallery, support_gallery, chunk_size=self.options.chunk_size)
+        base = base_map(text_map, visual_map, self.options.alpha)  # Eq. 5
         reasoning = None
-        if self.reasoner is None:
+        if self.reasoner is None:  # no HSR: the base map goes straight to the image head
             corrected = base.clamp(0.0, 1.0)
         else:
-            reasoning = self.reasoner(encoded.tokens, prompts.embeddings)  # Eq. 3-4 and the anomaly head
-            corrected = corrected_map(base, reasoning.node_scores, residual_centre, self.residual_scale, self.eta)
+            reasoning = self.reasoner(encoded.tokens, prompts.embeddings, self.logit_scale)  # Eq. 3-4, M_hg
+            corrected = corrected_map(  # Eq. 6-7
+                base, reasoning.node_scores, residual_centre, self.residual_scale, self.options.eta
+            )
         image_score = self.image_head(corrected)  # soft histogram + MLP
         return H2VLRScores(text_map, visual_map, base, corrected, image_score, reasoning)
 
@@ -368,11 +336,18 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
 
     # --------------------------------------------------------------------------------------------- training
     def training_gallery(self, shot_index: torch.Tensor) -> torch.Tensor:
-        """Per-image galleries ``(B, G, R, W)``: the other shots' tokens (leave-one-out), or all shots."""
+        """Per-image galleries ``(B, G, R, W)`` that give the training M_vis the distribution of a test image's.
+
+        k >= 2 with ``leave_one_out``: the other shots' tokens. One shot with ``single_shot_gallery="shifted_view"``:
+        the tokens of the shot shifted by half a patch (every token differs from the shot's own, as a test image's
+        do). Otherwise all shots (a shot then finds itself: M_vis ~ 0 on its normal regions).
+        """
         layers, rows, width = self.support_gallery.shape
         num_shots = self.num_shots
         per_shot = self.support_gallery.view(layers, num_shots, rows // num_shots, width)
-        if not self.leave_one_out or num_shots == 1:
+        if num_shots == 1 and self.support_view_gallery.numel():
+            return self.support_view_gallery.unsqueeze(0).expand(shot_index.shape[0], -1, -1, -1)
+        if not self.options.leave_one_out or num_shots == 1:
             return self.support_gallery.unsqueeze(0).expand(shot_index.shape[0], -1, -1, -1)
         galleries = []
         for shot in shot_index.tolist():
@@ -405,31 +380,31 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         centre = torch.zeros((), device=images.device)
         if self.reasoner is not None:
             with torch.no_grad():  # mu from the clean shots (Eq. 6)
-                clean_scores = self.reasoner(encoded.tokens[clean], prompts.embeddings).node_scores
+                clean_scores = self.reasoner(encoded.tokens[clean], prompts.embeddings, self.logit_scale).node_scores
                 centre = clean_scores.mean() if clean_scores.numel() else self.residual_centre
         scores = self.score(encoded, prompts, self.training_gallery(shot_index), centre)
 
         normal_tokens = torch.cat([encoded.tokens[patch_targets == 0], encoded.embedding[clean]])
         anomalous_tokens = encoded.tokens[patch_targets >= 0.5]
         align, v2t, triplet, eam = alignment_loss(  # Eq. 9
-            normal_tokens, anomalous_tokens, prompts, self.logit_scale, self.loss_config
+            normal_tokens, anomalous_tokens, prompts, self.logit_scale, self.options
         )
         structural = None
         laplacian = torch.zeros((), device=images.device)
-        if self.use_hsr and scores.reasoning is not None:
+        if self.options.structural_loss and scores.reasoning is not None:
             structural, laplacian = structural_loss(  # Eq. 10
                 scores.reasoning.node_scores,
                 patch_targets,
                 scores.reasoning.hypergraph,
                 scores.reasoning.edge_weight,
-                self.loss_config,
+                self.options,
             )
         image_size = tuple(masks.shape[-2:])
         corrected = upsample_map(scores.corrected_map, grid, image_size).clamp(0.0, 1.0)
         text_map = upsample_map(scores.text_map, grid, image_size)
-        segmentation = segmentation_loss(corrected, masks, text_map, self.loss_config)  # Eq. 11
+        segmentation = segmentation_loss(corrected, masks, text_map, self.options)  # Eq. 11
         image = image_loss(scores.image_score, labels)
-        total = total_loss(align, structural, segmentation, image, self.loss_config)  # Eq. 8
+        total = total_loss(align, structural, segmentation, image, self.options)  # Eq. 8
         zero = torch.zeros((), device=images.device)
         return H2VLRLosses(
             total=total,
