@@ -175,23 +175,34 @@ class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
         if keys is not None:
             self._staged_keys[domain].append(keys)
 
-    def collect(self, domain: str, gather: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def collect(
+        self, domain: str, gather: bool = True, channels: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return the staged rows of ``domain`` (and their keys) and clear the stage, without storing them.
 
         Steps: concatenate; gather from all ranks (``gather=True``, no-op without torch.distributed); with keys, sort by
         key and keep one row per key. Under data parallelism every rank must call it (gathering is collective).
 
+        Args:
+            domain: bank name.
+            gather: gather the rows of all ranks.
+            channels: for a domain that may have no staged rows on some rank: take part with ``(0, channels)`` rows
+                and no keys instead of failing (keys are then expected wherever rows were staged).
+
         Returns:
             ``(rows, keys)``: rows ``(n, C)`` and their sorted unique keys ``(n,)`` (``None`` when staged without keys).
 
         Raises:
-            RuntimeError: nothing was staged for ``domain``.
+            RuntimeError: nothing was staged for ``domain`` and ``channels`` is not given.
 
         """
         self._check_domain(domain)
         if not self._staged_features[domain]:
-            msg = f"HypergraphMemoryBank: nothing staged for domain {domain!r}; call add() first."
-            raise RuntimeError(msg)
+            if channels is None:
+                msg = f"HypergraphMemoryBank: nothing staged for domain {domain!r}; call add() first."
+                raise RuntimeError(msg)
+            self._staged_features[domain] = [self.get(domain).new_empty(0, channels)]
+            self._staged_keys[domain] = [torch.empty(0, dtype=torch.long)]
         features = torch.cat(self._staged_features[domain])
         keys = torch.cat(self._staged_keys[domain]) if self._staged_keys[domain] else None
         self._staged_features[domain] = []

@@ -37,13 +37,14 @@ from torch import nn
 
 from anomalib_hypergraph.hypergraph import IncidenceKernel
 from anomalib_hypergraph.models.smoothing import SeparableGaussianBlur
+from anomalib_hypergraph.models.state import DefaultedState
 
 DomainWeighting = Literal["evidence", "fixed"]
 ImageScore = Literal["top_mean", "max"]
 SourceFusion = Literal["auto", "union", "weighted"]
 
 
-class CrossDomainScorer(nn.Module):
+class CrossDomainScorer(DefaultedState, nn.Module):
     """Image scores and anomaly maps from the source and target sub-hypergraphs (Eq. 12-19).
 
     Per query patch, a defect score on the source bank (phi(H^s)) and one on the target bank (phi(H^t)). The image
@@ -70,6 +71,8 @@ class CrossDomainScorer(nn.Module):
             when :meth:`fit` is told the source bank was translated from paired shots, weighted otherwise).
 
     """
+
+    defaulted_state = ("union_fusion", "units")  # checkpoints from before the union: Eq. 18-19 weighting
 
     def __init__(
         self,

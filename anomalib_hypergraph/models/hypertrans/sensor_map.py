@@ -29,7 +29,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
+
+from anomalib_hypergraph.models.state import DefaultedState
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class TranslationReport:
     held_out_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
 
-class SensorTranslation(nn.Module):
+class SensorTranslation(DefaultedState, DynamicBufferMixin, nn.Module):
     """Ridge map from source-sensor patch features to target-sensor patch features, fitted on paired shots.
 
     ``T(x) = x W + b`` with ``W = argmin ||Y - X W - b||^2 + lambda * m * ||W||^2``, where ``m`` is the mean
@@ -65,6 +68,8 @@ class SensorTranslation(nn.Module):
         ridge_candidates: relative ridge strengths to choose from (one value: no cross-validation).
 
     """
+
+    defaulted_state = ("weight", "bias")  # checkpoints from before paired shots: no map
 
     def __init__(self, ridge_candidates: Sequence[float] = DEFAULT_RIDGE_CANDIDATES) -> None:
         super().__init__()

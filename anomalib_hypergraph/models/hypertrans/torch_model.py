@@ -48,6 +48,7 @@ from anomalib_hypergraph.hypergraph import (
     bank_hypergraph,
     chunked_knn,
 )
+from anomalib_hypergraph.models.state import DefaultedState
 
 from .perturbation import DomainPerturbation, perturbation_loss
 from .rectification import ResHGNN, pseudo_features, train_rectifier
@@ -126,7 +127,7 @@ class ViewReport:
     shares: list[float]
 
 
-class HyperTransModel(DynamicBufferMixin, nn.Module):
+class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
     """HyperTrans as a pure ``nn.Module``: adapted backbone, domain banks, residual HGNN and cross-domain scorer.
 
     Args:
@@ -176,6 +177,9 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         seed: seed of the adapters' and the HGNN's initialisation and of the Perlin draws (private generators).
 
     """
+
+    # Checkpoints from before paired shots and the choice of shot views: every view kept, source bank not translated.
+    defaulted_state = ("shot_view_indices", "source_bank_translated")
 
     def __init__(
         self,
@@ -265,7 +269,8 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             enabled_cross_domain=use_cross_domain_scoring,
             source_fusion=source_fusion,
         )
-        self.translation = SensorTranslation(translation_ridge) if use_paired_shots else None
+        self.use_paired_shots = use_paired_shots
+        self.translation = SensorTranslation(translation_ridge)
         self.memory_bank = HypergraphMemoryBank(domains=(SOURCE, TARGET))
         # Views of a shot in the target bank (indices into dihedral_views); all candidates until choose_shot_views.
         self.register_buffer("shot_view_indices", torch.empty(0, dtype=torch.long))
@@ -441,7 +446,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             msg = "fit_banks needs a target bank: fill memory_bank's 'target' domain first."
             raise RuntimeError(msg)
         translation, units = None, None
-        if pairs is not None and self.translation is not None and self.memory_bank.has(SOURCE):
+        if pairs is not None and self.use_paired_shots and self.memory_bank.has(SOURCE):
             translation, units = self.translate_source_bank(pairs)
         domains = [domain for domain in DOMAINS if self.memory_bank.has(domain)]
         banks = [self.memory_bank.get(domain) for domain in domains]
