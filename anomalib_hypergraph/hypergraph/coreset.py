@@ -43,6 +43,7 @@ def random_projection(
     """Project rows ``(N, C)`` to ``(N, projection_dim)`` with a seeded Gaussian matrix scaled by 1/sqrt(dim).
 
     Returns float32 rows as they are (a contiguous float32 copy) when ``projection_dim`` is None or not below ``C``.
+    Rows of another dtype are converted block by block into one reused buffer (:class:`~.knn.BlockBuffers`).
     """
     num_rows, channels = features.shape
     if projection_dim is None or projection_dim >= channels:
@@ -50,8 +51,11 @@ def random_projection(
     matrix = torch.randn(channels, projection_dim, generator=generator, dtype=torch.float32)
     matrix = matrix.to(features.device).mul_(projection_dim**-0.5)
     out = torch.empty(num_rows, projection_dim, dtype=torch.float32, device=features.device)
+    buffers = BlockBuffers(features.device, enabled=features.dtype != torch.float32)
     for start in range(0, num_rows, block):
-        torch.mm(features[start : start + block].to(torch.float32), matrix, out=out[start : start + block])
+        rows = features[start : start + block]
+        converted = buffers.take("rows", tuple(rows.shape), torch.float32)
+        torch.mm(rows if converted is None else converted.copy_(rows), matrix, out=out[start : start + block])
     return out
 
 
