@@ -21,13 +21,13 @@ Tables:
    is constant: one pass over the projected bank), marked "extrap.". Coverage radius = max over rows of the Euclidean
    distance to the nearest selected row, in the original 768-d space, at the number of picks both methods ran.
 2. kNN, 784 queries against 200k x 768, k = 1, in ``--knn-runs`` (10) fresh processes per method, interleaved
-   (run 1 of every method, then run 2, ...): min / median / max over the processes of the peak extra memory (peak RSS
-   during two consecutive searches minus RSS before the first, Linux ``VmHWM`` reset through ``/proc/self/clear_refs``)
-   and of the time of one search (the faster of the two). Methods: ours with the memory bank's cached norms, ours
-   without them, the same search with the code before the block buffers (``--knn-baseline``, a git revision whose
-   ``knn.py`` is written to the cache directory and loaded from there), anomalib's
-   ``PatchcoreModel.nearest_neighbors`` and the faiss flat index. The spread over processes is the point: a peak that
-   depends on the allocator's state shows as a large max.
+   (run 1 of every method, then run 2, ..., each run starting one method later): min / median / max over the processes
+   of the peak extra memory (peak RSS during three consecutive searches minus RSS before the first, Linux ``VmHWM``
+   reset through ``/proc/self/clear_refs``) and of the time of one search (the fastest of the three). Methods: ours
+   with the memory bank's cached norms, ours without them, the same search with the code before the block buffers
+   (``--knn-baseline``, a git revision whose ``knn.py`` is written to the cache directory and loaded from there),
+   anomalib's ``PatchcoreModel.nearest_neighbors`` and the faiss flat index. The spread over processes is the point: a
+   peak that depends on the allocator's state shows as a large max.
 3. Growth: per bank size and backend, index build time and time per image (784 queries, k = 14 = HyperTrans'
    num_neighbors + shortlist margin), recall@1 against exact search; our 10 % coreset time at that size.
 4. Bottle (``--bottle``, on by default unless ``--quick``): HyperTrans image / pixel AUROC and time per image with each
@@ -190,7 +190,7 @@ def worker_knn(job: dict) -> dict:
         started = time.perf_counter()
         indices = search()
         seconds = time.perf_counter() - started
-        if job.get("repeat", True):  # a second search in the same process: the allocator now has a history
+        for _ in range(job.get("repeat", 1)):  # more searches in the same process: the allocator now has a history
             started = time.perf_counter()
             search()
             seconds = min(seconds, time.perf_counter() - started)
@@ -356,14 +356,15 @@ def knn_table(cache: Path, rows: int, methods: list[str], runs: int, baseline: s
     methods = [method for method in methods if method != "before" or module is not None]
     load_start = os.getloadavg()[0]
     results: dict[str, list[dict]] = {method: [] for method in methods}
-    for _ in range(runs):  # interleaved, so that a change of the machine's load affects every method alike
-        for method in methods:
+    for run in range(runs):  # interleaved and rotated, so that changes of the machine's load hit every method alike
+        for method in methods[run % len(methods) :] + methods[: run % len(methods)]:
             job = {
                 "kind": "knn",
                 "bank": str(bank_file(cache, rows)),
                 "queries": str(query_file(cache)),
                 "method": method,
                 "k": 1,
+                "repeat": 2,
             }
             if method == "before":
                 job["module"] = str(module)
@@ -393,6 +394,9 @@ def knn_table(cache: Path, rows: int, methods: list[str], runs: int, baseline: s
             f"| {names.get(method, method)} | {_spread(peaks, 0)} | {ratio} | "
             f"{_spread([r['seconds'] for r in measured], 2)} |"
         )
+    raw = cache / "knn_runs.json"
+    raw.write_text(json.dumps(results, indent=1))
+    print(f"\n(every process's peak and time, in run order: {raw})")
     sys.stdout.flush()
 
 
@@ -425,7 +429,7 @@ def growth_table(
                 "method": "ours_cached" if backend == "exact" else backend,
                 "k": SEARCH_K,
                 "truth": truth,
-                "repeat": rows < 1_000_000,
+                "repeat": int(rows < 1_000_000),
             }
             if backend == "exact":
                 job["save_indices"] = truth
