@@ -1,7 +1,8 @@
 """Banks at scale: coreset build, kNN time and memory, faiss backends, cost growth with the bank size. One command.
 
-    python benchmarks/bank_scale.py            # the README table (about 15 minutes on a loaded 2-core box)
-    python benchmarks/bank_scale.py --quick    # smaller sizes, a few minutes
+    python benchmarks/bank_scale.py                # the README tables (about 25 minutes on a loaded 2-core box)
+    python benchmarks/bank_scale.py --tables knn   # only the kNN memory table (10 processes per method)
+    python benchmarks/bank_scale.py --quick        # smaller sizes, a few minutes
 
 Every measurement runs in a fresh Python subprocess (``--worker``), so that timings and memory peaks do not carry
 allocator or thread-pool state from one to the next. ``OMP_WAIT_POLICY=PASSIVE`` is set for the workers: on a shared
@@ -19,9 +20,15 @@ Tables:
    anomalib's time for the full 10 % coreset is extrapolated linearly from ``--anomalib-picks`` picks (its cost per pick
    is constant: one pass over the projected bank), marked "extrap.". Coverage radius = max over rows of the Euclidean
    distance to the nearest selected row, in the original 768-d space, at the number of picks both methods ran.
-2. kNN, 784 queries against 200k x 768, k = 1: time and peak extra memory (peak RSS during the search minus RSS
-   before it, Linux ``VmHWM`` reset through ``/proc/self/clear_refs``) for ours with the memory bank's cached norms,
-   ours without them, anomalib's ``PatchcoreModel.nearest_neighbors`` and the faiss flat index.
+2. kNN, 784 queries against 200k x 768, k = 1, in ``--knn-runs`` (10) fresh processes per method, interleaved
+   (run 1 of every method, then run 2, ..., each run starting one method later): min / median / max over the processes
+   of the peak extra memory (peak RSS during three consecutive searches minus RSS before the first, Linux ``VmHWM``
+   reset through ``/proc/self/clear_refs``) and of the time of one search (the fastest of the three). Methods: ours
+   with the memory bank's cached norms, ours without them, the same search with the code before the block buffers
+   (``--knn-baseline``, a git revision whose ``knn.py`` is written to the cache directory and loaded from there),
+   anomalib's ``PatchcoreModel.nearest_neighbors`` and the faiss flat index. The spread over processes is the point: a
+   peak that depends on the allocator's state shows as a large max. On a shared machine a process's time carries the
+   load of its moment, so ours and the baseline are also timed alternately in one process (8 rounds each).
 3. Growth: per bank size and backend, index build time and time per image (784 queries, k = 14 = HyperTrans'
    num_neighbors + shortlist margin), recall@1 against exact search; our 10 % coreset time at that size.
 4. Bottle (``--bottle``, on by default unless ``--quick``): HyperTrans image / pixel AUROC and time per image with each
@@ -32,6 +39,7 @@ Tables:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -42,6 +50,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+KNN_BASELINE = "7f4857a"  # the revision before the kNN block buffers (issue 20)
+PAIRED_ROUNDS = 8  # alternating searches of ours and the baseline in one process (kNN table)
 
 CHANNELS = 768
 LATENT = 32
@@ -126,8 +137,15 @@ def worker_coreset(job: dict) -> dict:
     return {"seconds": seconds, "radius": radius}
 
 
+def _module_from_file(name: str, path: str) -> object:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def worker_knn(job: dict) -> dict:
-    from anomalib_hypergraph.hypergraph import BankIndex, HypergraphMemoryBank, chunked_knn
+    from anomalib_hypergraph.hypergraph import BankIndex, HypergraphMemoryBank, chunked_knn, squared_row_norms
 
     bank = torch.from_numpy(np.load(job["bank"]))
     query = torch.from_numpy(np.load(job["queries"]))
@@ -139,10 +157,12 @@ def worker_knn(job: dict) -> dict:
 
         def search() -> torch.Tensor:
             return memory.nearest(query, "source", k=k)[1]
-    elif method == "main":  # main before this change: full-size pow(2) for the norms at every search
+    elif method == "before":  # the baseline revision's chunked_knn (a module file), with cached norms as ours
+        before = _module_from_file("knn_before", job["module"])
+        norms = squared_row_norms(bank)
 
         def search() -> torch.Tensor:
-            return chunked_knn(query, bank, k, reference_squared_norm=bank.pow(2).sum(dim=1))[1]
+            return before.chunked_knn(query, bank, k, reference_squared_norm=norms)[1]
     elif method == "ours_uncached":
 
         def search() -> torch.Tensor:
@@ -171,13 +191,12 @@ def worker_knn(job: dict) -> dict:
         _reset_peak()
         started = time.perf_counter()
         indices = search()
-        first = time.perf_counter() - started
-        peak = _rss_kib("VmHWM") - baseline
-        seconds = first
-        if job.get("repeat", True):
+        seconds = time.perf_counter() - started
+        for _ in range(job.get("repeat", 1)):  # more searches in the same process: the allocator now has a history
             started = time.perf_counter()
             search()
-            seconds = min(first, time.perf_counter() - started)
+            seconds = min(seconds, time.perf_counter() - started)
+        peak = _rss_kib("VmHWM") - baseline
     result = {"seconds": seconds, "peak_mib": peak / 1024, "build_seconds": job.get("build_seconds", 0.0)}
     if job.get("save_indices"):
         np.save(job["save_indices"], indices[:, 0].numpy())
@@ -185,6 +204,31 @@ def worker_knn(job: dict) -> dict:
         truth = torch.from_numpy(np.load(job["truth"]))
         result["recall"] = float((indices[:, 0] == truth).float().mean())
     return result
+
+
+def worker_knn_paired(job: dict) -> dict:
+    """Time ours and the baseline revision alternately in one process: both see the same load, round after round."""
+    from anomalib_hypergraph.hypergraph import HypergraphMemoryBank
+
+    bank = torch.from_numpy(np.load(job["bank"]))
+    query = torch.from_numpy(np.load(job["queries"]))
+    memory = HypergraphMemoryBank(domains=("source",))
+    memory.set("source", bank)
+    norms = memory.squared_norm("source")
+    before = _module_from_file("knn_before", job["module"])
+    searches = {
+        "ours_cached": lambda: memory.nearest(query, "source", k=job["k"]),
+        "before": lambda: before.chunked_knn(query, bank, job["k"], reference_squared_norm=norms),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in searches}
+    with torch.no_grad():
+        for round_index in range(job["rounds"]):
+            order = list(searches) if round_index % 2 == 0 else list(reversed(searches))
+            for name in order:
+                started = time.perf_counter()
+                searches[name]()
+                seconds[name].append(time.perf_counter() - started)
+    return seconds
 
 
 def worker_bottle(job: dict) -> dict:
@@ -233,7 +277,7 @@ def worker_bottle(job: dict) -> dict:
     return results
 
 
-WORKERS = {"coreset": worker_coreset, "knn": worker_knn, "bottle": worker_bottle}
+WORKERS = {"coreset": worker_coreset, "knn": worker_knn, "knn_paired": worker_knn_paired, "bottle": worker_bottle}
 
 
 def run_worker(job: dict) -> dict:
@@ -312,32 +356,92 @@ def coreset_table(
     return ours_seconds
 
 
-def knn_table(cache: Path, rows: int, methods: list[str]) -> None:
-    print(f"\n### kNN: {QUERIES} queries (one image) against {_rows_label(rows)} x 768, k = 1\n")
-    print("| method | time (s) | peak extra memory (MiB) | memory vs anomalib |")
-    print("|---|---:|---:|---:|")
-    results = {}
-    for method in methods:
-        results[method] = run_worker(
-            {
+def baseline_module(cache: Path, revision: str) -> Path | None:
+    """Write ``knn.py`` of ``revision`` (``git show``) to the cache directory; None without git or that revision."""
+    shown = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{revision}:anomalib_hypergraph/hypergraph/knn.py"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if shown.returncode != 0:
+        print(f"(no kNN baseline row: git show {revision} failed: {shown.stderr.strip()})")
+        return None
+    path = cache / f"knn_{revision}.py"
+    path.write_text(shown.stdout)
+    return path
+
+
+def _spread(values: list[float], digits: int) -> str:
+    ordered = sorted(values)
+    median = float(np.median(ordered))
+    return f"{ordered[0]:.{digits}f} / {median:.{digits}f} / {ordered[-1]:.{digits}f}"
+
+
+def knn_table(cache: Path, rows: int, methods: list[str], runs: int, baseline: str) -> None:
+    module = baseline_module(cache, baseline) if "before" in methods else None
+    methods = [method for method in methods if method != "before" or module is not None]
+    load_start = os.getloadavg()[0]
+    results: dict[str, list[dict]] = {method: [] for method in methods}
+    for run in range(runs):  # interleaved and rotated, so that changes of the machine's load hit every method alike
+        for method in methods[run % len(methods) :] + methods[: run % len(methods)]:
+            job = {
                 "kind": "knn",
                 "bank": str(bank_file(cache, rows)),
                 "queries": str(query_file(cache)),
                 "method": method,
                 "k": 1,
+                "repeat": 2,
             }
-        )
-    reference = results.get("anomalib", {}).get("peak_mib")
+            if method == "before":
+                job["module"] = str(module)
+            results[method].append(run_worker(job))
+    load_end = os.getloadavg()[0]
+    print(
+        f"\n### kNN: {QUERIES} queries (one image) against {_rows_label(rows)} x 768, k = 1, {runs} fresh processes "
+        f"per method (load average {load_start:.1f} before, {load_end:.1f} after)\n"
+    )
+    print(
+        "| method | peak extra memory (MiB), min / median / max | max vs anomalib's median | "
+        "time per search (s), min / median / max |"
+    )
+    print("|---|---:|---:|---:|")
+    reference = float(np.median([r["peak_mib"] for r in results["anomalib"]])) if "anomalib" in results else None
     names = {
         "ours_cached": "ours, memory bank with cached norms",
-        "main": "main before this change: chunked_knn, norms through a full pow(2)",
         "ours_uncached": "ours, chunked_knn computing the norms (block by block)",
+        "before": f"before the block buffers ({baseline}), cached norms",
         "anomalib": "anomalib PatchcoreModel.nearest_neighbors",
         "faiss_flat": "faiss IndexFlatL2 (BankIndex)",
     }
-    for method, result in results.items():
-        ratio = "-" if not reference else f"{result['peak_mib'] / reference:.2f}"
-        print(f"| {names.get(method, method)} | {result['seconds']:.2f} | {result['peak_mib']:.0f} | {ratio} |")
+    for method, measured in results.items():
+        peaks = [r["peak_mib"] for r in measured]
+        ratio = "-" if not reference else f"{max(peaks) / reference:.2f}"
+        print(
+            f"| {names.get(method, method)} | {_spread(peaks, 0)} | {ratio} | "
+            f"{_spread([r['seconds'] for r in measured], 2)} |"
+        )
+    if module is not None:  # times of separate processes carry the load of their moment: pair them in one process
+        paired = run_worker(
+            {
+                "kind": "knn_paired",
+                "bank": str(bank_file(cache, rows)),
+                "queries": str(query_file(cache)),
+                "module": str(module),
+                "k": 1,
+                "rounds": PAIRED_ROUNDS,
+            }
+        )
+        ours, theirs = (float(np.median(paired[name])) for name in ("ours_cached", "before"))
+        print(
+            f"\nPaired timing, one process, {PAIRED_ROUNDS} rounds alternating ours (memory bank) and {baseline}: "
+            f"median {ours:.2f} s against {theirs:.2f} s (ours / before = {ours / theirs:.3f}); "
+            f"fastest {min(paired['ours_cached']):.2f} s against {min(paired['before']):.2f} s."
+        )
+        results["paired"] = paired
+    raw = cache / "knn_runs.json"
+    raw.write_text(json.dumps(results, indent=1))
+    print(f"\n(every process's peak and time, in run order: {raw})")
     sys.stdout.flush()
 
 
@@ -370,7 +474,7 @@ def growth_table(
                 "method": "ours_cached" if backend == "exact" else backend,
                 "k": SEARCH_K,
                 "truth": truth,
-                "repeat": rows < 1_000_000,
+                "repeat": int(rows < 1_000_000),
             }
             if backend == "exact":
                 job["save_indices"] = truth
@@ -422,8 +526,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--radius-picks", type=int, default=1000, help="picks at which both radii are compared")
     parser.add_argument("--million", action=argparse.BooleanOptionalAction, default=True, help="1M-row growth row")
     parser.add_argument("--bottle", action=argparse.BooleanOptionalAction, default=None)
+    tables = ["coreset", "knn", "growth", "bottle"]
+    parser.add_argument("--tables", nargs="+", choices=tables, default=tables, help="which tables to run (default all)")
+    parser.add_argument("--knn-runs", type=int, default=10, help="fresh processes per method in the kNN table")
     parser.add_argument(
-        "--tables", nargs="+", default=["coreset", "knn", "growth", "bottle"], help="which tables to run (default all)"
+        "--knn-baseline", default=KNN_BASELINE, help="git revision whose chunked_knn is the kNN table's 'before' row"
     )
     parser.add_argument("--bottle-source-images", type=int, default=30)
     parser.add_argument("--bottle-coreset-ratio", type=float, default=0.1)
@@ -450,11 +557,12 @@ def main(argv: list[str] | None = None) -> None:
 
     load = os.getloadavg()
     print("## Banks at scale (benchmarks/bank_scale.py)\n")
+    libc, libc_version = platform.libc_ver()
     print(
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__} ({torch.get_num_threads()} threads), load average {load[0]:.1f} at start (shared with "
-        "another long benchmark). Synthetic 768-d rows (32-d latent Gaussian mixture), seeded; each number from one "
-        "fresh subprocess with OMP_WAIT_POLICY=PASSIVE."
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {libc} {libc_version}, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads), load average {load[0]:.1f} at start (a shared "
+        "machine: other jobs ran beside this one). Synthetic 768-d rows (32-d latent Gaussian mixture), seeded; each "
+        "number from a fresh subprocess with OMP_WAIT_POLICY=PASSIVE."
     )
     coreset_seconds = {}
     if "coreset" in args.tables:
@@ -462,7 +570,13 @@ def main(argv: list[str] | None = None) -> None:
             args.cache_dir, coreset_sizes, args.ratio, args.anomalib_picks, args.radius_picks
         )
     if "knn" in args.tables:
-        knn_table(args.cache_dir, knn_rows, ["ours_cached", "ours_uncached", "main", "anomalib", "faiss_flat"])
+        knn_table(
+            args.cache_dir,
+            knn_rows,
+            ["ours_cached", "ours_uncached", "before", "anomalib", "faiss_flat"],
+            args.knn_runs,
+            args.knn_baseline,
+        )
     if "growth" in args.tables:
         growth_table(args.cache_dir, growth_sizes, backends_by_size, args.ratio, coreset_seconds)
     if "bottle" in args.tables and (args.bottle if args.bottle is not None else not args.quick):

@@ -1,12 +1,15 @@
-"""Shared fixtures: tiny random-weight backbones and a small generated cross-domain dataset."""
+"""Shared fixtures: tiny random-weight backbones, a small generated cross-domain dataset, an allocation counter."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # Tests never reach a model hub; a code path that tries must fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,3 +63,41 @@ def synthetic_category() -> str:
     from anomalib_hypergraph.data import SYNTHETIC_CATEGORIES
 
     return SYNTHETIC_CATEGORIES[0]
+
+
+class _FreshAllocations(TorchDispatchMode):
+    """Record every tensor operation's output that holds new memory (shares no storage with the op's arguments).
+
+    Outputs written through ``out=``, views and in-place results share an argument's storage and are not recorded.
+    """
+
+    def __init__(self, min_numel: int) -> None:
+        super().__init__()
+        self.min_numel = min_numel
+        self.allocations: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(
+        self, func: torch._ops.OpOverload, types: tuple[type, ...], args: tuple = (), kwargs: dict | None = None
+    ) -> object:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        given = {
+            arg.untyped_storage().data_ptr() for arg in tree_leaves((args, kwargs)) if isinstance(arg, torch.Tensor)
+        }
+        for output in tree_leaves(result):
+            fresh = isinstance(output, torch.Tensor) and output.untyped_storage().data_ptr() not in given
+            if fresh and output.numel() >= self.min_numel:
+                self.allocations.append((str(func), tuple(output.shape)))
+        return result
+
+
+@pytest.fixture
+def fresh_allocations() -> Callable[[Callable[[], object], int], list[tuple[str, tuple[int, ...]]]]:
+    """``fresh_allocations(run, min_numel)``: (op, shape) of each new tensor of >= min_numel elements run() makes."""
+
+    def record(run: Callable[[], object], min_numel: int) -> list[tuple[str, tuple[int, ...]]]:
+        with _FreshAllocations(min_numel) as mode:
+            run()
+        return mode.allocations
+
+    return record

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,24 @@ def test_multi_pick_passes_equal_the_one_at_a_time_rule(candidates: int) -> None
     features = _clustered(1200, 24, 12, seed=4)
     indices = greedy_k_center(features, 200, seed=5, projection_dim=None, candidates=candidates)
     assert indices.tolist() == _one_at_a_time(features, 200, int(indices[0]))
+
+
+def test_passes_allocate_no_block_per_pass(fresh_allocations: Callable) -> None:
+    """The passes write into buffers taken once per call (issue 20): 400 centres allocate what 100 centres allocate.
+
+    With 7 candidates a pass picks at most 7 centres, so 400 centres take more than 57 passes over 16 row blocks; a
+    fresh ``(rows, picks)`` temporary per block and pass would be recorded hundreds of times.
+    """
+    features = _clustered(4000, 24, 12, seed=6)
+    found = [
+        fresh_allocations(
+            lambda: greedy_k_center(features, centres, seed=0, projection_dim=None, candidates=7, block=256),  # noqa: B023
+            512,
+        )
+        for centres in (100, 400)
+    ]
+    assert found[0], "the coreset's buffers were not recorded: the counter sees nothing"
+    assert found[1] == found[0]
 
 
 def test_coverage_never_worse_than_random_subset() -> None:

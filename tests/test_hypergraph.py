@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from anomalib_hypergraph.hypergraph import (
     bank_hypergraph,
     chunked_knn,
     gather_rows,
+    squared_row_norms,
     weighted_gather_sum,
 )
 from anomalib_hypergraph.hypergraph import knn as knn_module
@@ -95,8 +97,8 @@ def test_chunked_knn_only_computes_blocks(monkeypatch: pytest.MonkeyPatch) -> No
     block_shapes = []
     real_block = knn_module._block_ranking_distances
 
-    def recording_block(query: torch.Tensor, reference: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-        result = real_block(query, reference, norms)
+    def recording_block(*args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        result = real_block(*args, **kwargs)
         block_shapes.append(tuple(result.shape))
         return result
 
@@ -107,6 +109,42 @@ def test_chunked_knn_only_computes_blocks(monkeypatch: pytest.MonkeyPatch) -> No
     assert max(rows * columns for rows, columns in block_shapes) <= 128 * 128  # the block budget
     assert sum(rows * columns for rows, columns in block_shapes) == 1000 * 1000  # every pair once, none twice
     assert any(columns > 128 for _, columns in block_shapes)  # the short last query block walks longer blocks
+
+
+def test_chunked_knn_allocates_its_block_buffers_once_per_search(fresh_allocations: Callable) -> None:
+    """Block temporaries are buffers taken once per search, never one per block (issue 20).
+
+    A fresh block temporary per block lets glibc's heap grow with the allocator's history (dynamic mmap threshold). The
+    new tensors of at least an eighth of a 64 x 64 block that a search makes are recorded by a dispatch mode that sees
+    every tensor operation: walking 32 reference blocks must make exactly the allocations that walking 4 makes.
+    """
+    query = random_features(64, 16, seed=6)
+    found = []
+    for rows in (256, 2048):  # 4 and 32 reference blocks of 64 x 64
+        reference = random_features(rows, 16, seed=7)
+        norms = squared_row_norms(reference)
+        found.append(
+            fresh_allocations(
+                lambda: chunked_knn(query, reference, 3, chunk_size=64, reference_squared_norm=norms),  # noqa: B023
+                64 * 64 // 8,
+            )
+        )
+    assert found[0], "the search's buffers were not recorded: the counter sees nothing"
+    assert found[1] == found[0]
+
+
+def test_hypergraph_construction_allocates_no_block_per_block(fresh_allocations: Callable) -> None:
+    """The bank hypergraph's self-excluding search makes the same allocations for 8 x 8 blocks as for 32 x 32 blocks.
+
+    Only the result-sized tensors (one per vertex) and the per-search buffers are new memory; their number does not
+    depend on how many query and reference blocks the search walks.
+    """
+    found = []
+    for rows in (256, 1024):
+        features = random_features(rows, 16, seed=8)
+        allocations = fresh_allocations(lambda: SoftHypergraph.from_knn(features, 3, chunk_size=32), 32 * 32 // 8)  # noqa: B023
+        found.append([operation for operation, _ in allocations])
+    assert found[1] == found[0]
 
 
 @pytest.mark.parametrize("columns", [7, 64, 203, 4096])

@@ -19,13 +19,18 @@ bank and taking a norm: a bank-sized temporary and a full memory pass per pick, 
 
 All randomness (projection, first centre) comes from a private ``torch.Generator`` seeded with ``seed``: no global
 random state is read or changed, so reruns and every rank of a data-parallel run pick the same rows.
+
+The temporaries of the passes (the pool's rows and distance matrix, the new centres, each row block's distances to
+them) are :class:`~.knn.BlockBuffers`, allocated once per call and overwritten pass after pass with ``out=``: fresh
+block temporaries would let glibc's heap grow with the allocator's history (its dynamic mmap threshold), so the peak
+would differ from run to run.
 """
 
 from __future__ import annotations
 
 import torch
 
-from anomalib_hypergraph.hypergraph.knn import chunked_knn, squared_row_norms
+from anomalib_hypergraph.hypergraph.knn import BlockBuffers, chunked_knn, squared_row_norms
 
 DEFAULT_PROJECTION_DIM = 256
 DEFAULT_CANDIDATES = 2048
@@ -38,6 +43,7 @@ def random_projection(
     """Project rows ``(N, C)`` to ``(N, projection_dim)`` with a seeded Gaussian matrix scaled by 1/sqrt(dim).
 
     Returns float32 rows as they are (a contiguous float32 copy) when ``projection_dim`` is None or not below ``C``.
+    Rows of another dtype are converted block by block into one reused buffer (:class:`~.knn.BlockBuffers`).
     """
     num_rows, channels = features.shape
     if projection_dim is None or projection_dim >= channels:
@@ -45,8 +51,11 @@ def random_projection(
     matrix = torch.randn(channels, projection_dim, generator=generator, dtype=torch.float32)
     matrix = matrix.to(features.device).mul_(projection_dim**-0.5)
     out = torch.empty(num_rows, projection_dim, dtype=torch.float32, device=features.device)
+    buffers = BlockBuffers(features.device, enabled=features.dtype != torch.float32)
     for start in range(0, num_rows, block):
-        torch.mm(features[start : start + block].to(torch.float32), matrix, out=out[start : start + block])
+        rows = features[start : start + block]
+        converted = buffers.take("rows", tuple(rows.shape), torch.float32)
+        torch.mm(rows if converted is None else converted.copy_(rows), matrix, out=out[start : start + block])
     return out
 
 
@@ -88,6 +97,7 @@ def greedy_k_center(
         raise ValueError(msg)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
+    buffers = BlockBuffers(features.device)
     with torch.no_grad():
         projected = random_projection(features, projection_dim, generator, block)
         squared_norm = squared_row_norms(projected, block)
@@ -97,16 +107,36 @@ def greedy_k_center(
         count = 1
         # Running squared distance of every row to its nearest centre (one (N,) vector, updated in place).
         min_distance = torch.empty_like(squared_norm)
-        _update(min_distance, projected, squared_norm, projected[first : first + 1], block, initialise=True)
+        most_centres = min(candidates, num_centers)  # picks per pass: at most the pool
+        _update(
+            min_distance,
+            projected,
+            squared_norm,
+            projected[first : first + 1],
+            block,
+            buffers=buffers,
+            most_centres=most_centres,
+            initialise=True,
+        )
         min_distance[first] = -1.0  # selected rows are never picked again
+        dtype, columns = projected.dtype, projected.shape[1]
         while count < num_centers:
             pool = min(candidates, num_rows - count)
             values, pool_index = torch.topk(min_distance, min(pool + 1, num_rows), largest=True, sorted=True)
             threshold = values[pool] if values.shape[0] > pool else values.new_tensor(-1.0)
             pool_index, pool_distance = pool_index[:pool], values[:pool].clone()
-            pool_rows, pool_norm = projected[pool_index], squared_norm[pool_index]
+            pool_rows = torch.index_select(
+                projected, 0, pool_index, out=buffers.take("pool_rows", (pool, columns), dtype)
+            )
+            pool_norm = torch.index_select(squared_norm, 0, pool_index, out=buffers.take("pool_norm", (pool,), dtype))
             # Squared distances within the pool, from one (pool x pool) product: a pick then costs a row lookup.
-            pool_gram = torch.addmm(pool_norm[None, :], pool_rows, pool_rows.T, alpha=-2.0)
+            pool_gram = torch.addmm(
+                pool_norm[None, :],
+                pool_rows,
+                pool_rows.T,
+                alpha=-2.0,
+                out=buffers.take("pool_gram", (pool, pool), dtype),
+            )
             picks = []
             while count + len(picks) < num_centers:
                 best = int(torch.argmax(pool_distance))
@@ -121,7 +151,15 @@ def greedy_k_center(
             selected[count : count + len(picks)] = new.cpu()
             count += len(picks)
             if count < num_centers:
-                _update(min_distance, projected, squared_norm, projected[new], block)
+                centres = torch.index_select(
+                    projected,
+                    0,
+                    new,
+                    out=buffers.take("centres", (len(picks), columns), dtype, most=most_centres * columns),
+                )
+                _update(
+                    min_distance, projected, squared_norm, centres, block, buffers=buffers, most_centres=most_centres
+                )
             min_distance[new] = -1.0
     return selected.to(features.device)
 
@@ -133,18 +171,34 @@ def _update(
     centres: torch.Tensor,
     block: int,
     *,
+    buffers: BlockBuffers,
+    most_centres: int,
     initialise: bool = False,
 ) -> None:
-    """``min_distance = min(min_distance, squared distance to the nearest of centres)``, block of rows at a time."""
+    """``min_distance = min(min_distance, squared distance to the nearest of centres)``, block of rows at a time.
+
+    The ``(rows, centres)`` distances of a block and their row minima are written into ``buffers`` (``most_centres``:
+    the most centres a call of this coreset passes, which caps the growth of the block buffer).
+    """
     centre_norm = centres.pow(2).sum(dim=1)
+    dtype = projected.dtype
     for start in range(0, projected.shape[0], block):
         stop = min(start + block, projected.shape[0])
+        distance_buffer = buffers.take("distance", (stop - start,), dtype)
         if centres.shape[0] == 1:
-            distance = torch.addmv(squared_norm[start:stop], projected[start:stop], centres[0], alpha=-2.0)
+            distance = torch.addmv(
+                squared_norm[start:stop], projected[start:stop], centres[0], alpha=-2.0, out=distance_buffer
+            )
             distance.add_(centre_norm[0])
         else:
-            distance = torch.addmm(centre_norm[None, :], projected[start:stop], centres.T, alpha=-2.0)
-            distance = distance.add_(squared_norm[start:stop, None]).amin(dim=1)
+            products = torch.addmm(
+                centre_norm[None, :],
+                projected[start:stop],
+                centres.T,
+                alpha=-2.0,
+                out=buffers.take("products", (stop - start, centres.shape[0]), dtype, most=block * most_centres),
+            )
+            distance = torch.amin(products.add_(squared_norm[start:stop, None]), dim=1, out=distance_buffer)
         distance.clamp_(min=0.0)
         if initialise:
             min_distance[start:stop] = distance

@@ -101,9 +101,10 @@ class SoftHypergraph:
     ) -> SoftHypergraph:
         """One hyperedge per vertex: e_i = {i} U kNN(i), H[i, e_i] = 1, H[j, e_i] = kernel(d_ij), W = I (HDR, Eq. 8).
 
-        The kNN search is exact and chunked (never N x N); the vertex itself is excluded from its own neighbour search
-        and then added with incidence 1. |E| = N, every hyperedge has k + 1 members. The structure is built without
-        gradients: it is a fixed graph over the given features.
+        The kNN search is exact and chunked (never N x N; its block temporaries are buffers reused from block to block,
+        :class:`~.knn.BlockBuffers`, so the peak memory is the same in every run); the vertex itself is excluded from
+        its own neighbour search and then added with incidence 1. |E| = N, every hyperedge has k + 1 members. The
+        structure is built without gradients: it is a fixed graph over the given features.
 
         Args:
             features: vertex features ``(N, C)``.
