@@ -336,7 +336,8 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         and every patch of other, held-out source images is matched to its nearest neighbour among all of them. A
         view is kept when its share of those nearest neighbours is at least ``view_min_share`` times the share
         ``1 / V`` each of the ``V`` views would get if the part looked the same in all of them; the shot as it is
-        (view 0) is always kept. ``"dihedral"`` and ``"none"`` keep every candidate view without looking.
+        (view 0) is always kept. ``"dihedral"`` and ``"none"`` keep every candidate view without looking; so does
+        ``"auto"`` when there is nothing to judge by (fewer than two images), and the report's shares are then empty.
 
         Args:
             probe_views: per candidate view ``v``, the patch rows of the probe images seen in view ``v``.
@@ -344,7 +345,8 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
 
         """
         num_views = len(probe_views)
-        if self.shot_augmentation != "auto" or num_views <= 1 or held_out.shape[0] == 0:
+        no_evidence = held_out.shape[0] == 0 or any(part.shape[0] == 0 for part in probe_views)
+        if self.shot_augmentation != "auto" or num_views <= 1 or no_evidence:
             kept = list(range(num_views)) if self.shot_augmentation != "none" else [0]
             self.shot_view_indices = torch.tensor(kept, dtype=torch.long, device=self.shot_view_indices.device)
             return ViewReport(kept=kept, shares=[])
@@ -696,7 +698,9 @@ def view_probe_split(keys: Sequence[int]) -> tuple[list[int], list[int]]:
     images there is nothing to hold out (both lists may be short or empty).
     """
     order = sorted(range(len(keys)), key=lambda position: keys[position])
-    probes = min(VIEW_PROBE_IMAGES, max(len(order) - 1, 0))
+    if len(order) < 2:
+        return [], []
+    probes = min(VIEW_PROBE_IMAGES, len(order) - 1)
     return order[:probes], order[probes : probes + VIEW_HELD_OUT_IMAGES]
 
 
