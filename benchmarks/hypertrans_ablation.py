@@ -3,10 +3,10 @@
 Three data sets (REFERENCES 1; each seeded end to end), all with headroom for a few-shot detector:
 
 - ``bottle``: MVTec AD bottle from ``../shared/data/mvtec_ad``. Source = the first 60 RGB train images (by name).
-  Target = the same scenes through a simulated sensor (:func:`sensor_style`: grey, gamma 0.5, inverted, 4x lower
-  resolution, blur sigma 1.5, Gaussian noise 0.04 seeded by the file's relative path). Shots come from the transformed
-  train images, each paired with its own RGB image (the same part before and after the sensor upgrade); the test set
-  is all 83 test images transformed the same way.
+  Target = the same scenes through a simulated sensor (``anomalib_hypergraph.data.sensor_shift.simulate_sensor``: grey,
+  gamma 0.5, inverted, 4x lower resolution, blur sigma 1.5, Gaussian noise 0.04 seeded by the file's relative path).
+  Shots come from the transformed train images, each paired with its own RGB image (the same part before and after the
+  sensor upgrade); the test set is all 83 test images transformed the same way.
 - ``metal_plate``: MPDD metal plates from ``../shared/data/mpdd`` through the same sensor: source = all 50 RGB train
   plates, shots from the transformed train plates (paired with their RGB images), test = the 111 test plates.
 - ``synthetic``: the built-in synthetic MVTec 3D-AD-style data (all four categories), made harder with small, shallow
@@ -28,6 +28,7 @@ dihedral views), then the max-pooled nearest-neighbour distance of each mapped t
 
     python benchmarks/hypertrans_ablation.py --dataset all
     python benchmarks/hypertrans_ablation.py --dataset metal_plate --ablation extensions
+    python benchmarks/hypertrans_ablation.py --ablation goals
 
 Cells are mean over seeds (and categories) of image AUROC / pixel AUROC / AU-PRO@0.3; the lines under each table give
 HyperTrans (with and without pairs) minus the better stock PatchCore bank per shot count, and the goal margin.
@@ -41,7 +42,6 @@ import os
 import platform
 import statistics
 import time
-import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,13 +53,14 @@ import torch
 from anomalib.metrics import AUPRO
 from anomalib.models.components.sampling import KCenterGreedy
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
-from PIL import Image, ImageFilter
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from anomalib_hypergraph.backbones import backbone_normalization
 from anomalib_hypergraph.backbones.efficientnet_lite import efficientnet_lite_state_dict
 from anomalib_hypergraph.data import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec3d, render_depth_image, select_shots
 from anomalib_hypergraph.data.domains import SOURCE, TARGET
+from anomalib_hypergraph.data.sensor_shift import simulate_sensor
 from anomalib_hypergraph.hypergraph import chunked_knn, greedy_coreset
 from anomalib_hypergraph.models.hypertrans.scoring import CrossDomainScorer
 from anomalib_hypergraph.models.hypertrans.sensor_map import SensorTranslation
@@ -101,7 +102,11 @@ PIPELINES = {
     "no_hdr": Pipeline(hdr=False),
     "paper": Pipeline(views="none", pairs=False),
 }
-EXTENSION_PIPELINES = ("default", "no_pairs", "no_source", "all_views", "no_views", "paper")
+ABLATIONS = {
+    "all": tuple(PIPELINES),
+    "extensions": ("default", "no_pairs", "no_source", "all_views", "no_views", "paper"),
+    "goals": ("default", "no_pairs", "no_source"),
+}
 # Rows: (pipeline, scorer options). The defaults are HyperTrans' defaults.
 DEFAULT_ROW = "HyperTrans (default, paired shots)"
 UNPAIRED_ROW = "  - pairs (shots without source captures)"
@@ -152,19 +157,8 @@ def load_mask(path: Path | None) -> torch.Tensor:
     return torch.from_numpy(np.asarray(mask) > 127).float()
 
 
-def sensor_style(image: Image.Image, key: str) -> Image.Image:
-    """The simulated target sensor of the sensor-shift sets; the noise is seeded by ``key`` (crc32, not ``hash``)."""
-    grey = np.asarray(image.convert("L"), dtype=np.float32) / 255
-    grey = 1.0 - grey**0.5
-    low = Image.fromarray((grey * 255).astype(np.uint8)).resize((IMAGE_SIZE // 4, IMAGE_SIZE // 4), Image.BILINEAR)
-    low = low.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR).filter(ImageFilter.GaussianBlur(1.5))
-    noise = np.random.default_rng(zlib.crc32(key.encode())).normal(0, 0.04, (IMAGE_SIZE, IMAGE_SIZE))
-    noisy = np.asarray(low, dtype=np.float32) / 255 + noise
-    return Image.fromarray((np.clip(noisy, 0, 1) * 255).astype(np.uint8)).convert("RGB")
-
-
 def sensor_shift_split(dataset: str, source_images: int | None) -> CrossDomainSplit:
-    """An MVTec-layout category of ../shared/data seen by two sensors: RGB source, :func:`sensor_style` target.
+    """An MVTec-layout category of ../shared/data seen by two sensors: RGB source, :func:`simulate_sensor` target.
 
     Source = the first ``source_images`` RGB train images by name (``None``: all); target pool = every train image
     through the simulated sensor, each paired with its own RGB image (the same part before and after the upgrade);
@@ -176,8 +170,7 @@ def sensor_shift_split(dataset: str, source_images: int | None) -> CrossDomainSp
         raise SystemExit(msg)
 
     def transformed(path: Path) -> torch.Tensor:
-        image = Image.open(path).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
-        styled = sensor_style(image, path.relative_to(root).as_posix())
+        styled = simulate_sensor(Image.open(path), path.relative_to(root).as_posix(), IMAGE_SIZE)
         return torch.from_numpy(np.asarray(styled).copy()).permute(2, 0, 1).float() / 255
 
     train = sorted((root / "train" / "good").glob("*.png"))
@@ -549,12 +542,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--ablation",
-        choices=("all", "extensions"),
+        choices=tuple(ABLATIONS),
         default="all",
-        help="extensions: leave out the rows that need a separate DP or HDR pipeline",
+        help="extensions: leave out the rows that need a separate DP or HDR pipeline; goals: only the goals' rows "
+        "(paired, - pairs, - source images, PatchCore)",
     )
     args = parser.parse_args(argv)
-    pipeline_names = [*PIPELINES] if args.ablation == "all" else list(EXTENSION_PIPELINES)
+    pipeline_names = list(ABLATIONS[args.ablation])
     rows = {row: spec for row, spec in ROWS.items() if spec[0] in pipeline_names}
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
