@@ -89,7 +89,7 @@ def _tree_digest(folder: Path) -> dict[str, str]:
 
 
 def test_train_loaders_source_all_normals_target_k_shots(root: Path) -> None:
-    datamodule = _datamodule(root, k_shot=2)
+    datamodule = _datamodule(root, k_shot=2, pair_shots=False)
     datamodule.setup()
     loaders = datamodule.train_dataloader()
     assert set(loaders) == {"source", "target"}
@@ -118,6 +118,50 @@ def test_train_loaders_source_all_normals_target_k_shots(root: Path) -> None:
     assert torch.equal(depth_image[0], depth_image[2])
     rgb_image = source_batches[0].image[0]
     assert not torch.equal(rgb_image[0], rgb_image[2])
+
+
+def test_mvtec3d_pairs_each_shot_with_the_same_samples_rgb(root: Path) -> None:
+    datamodule = _datamodule(root, k_shot=3, shot_selection="random", seed=1, train_batch_size=2)
+    datamodule.setup()
+    loaders = datamodule.train_dataloader()
+    assert set(loaders) == {"source", "target", "paired_source"}
+    target_batches = _all_batches(loaders["target"])
+    paired_batches = _all_batches(loaders["paired_source"])
+    assert [len(batch.image) for batch in target_batches] == [len(batch.image) for batch in paired_batches] == [2, 1]
+    rgb_folder = root / CATEGORY / "train" / "good" / "rgb"
+    for target, paired in zip(target_batches, paired_batches, strict=True):
+        for target_path, paired_path, image in zip(target.image_path, paired.image_path, paired.image, strict=True):
+            assert paired_path == str(rgb_folder / Path(target_path).name)  # the same sample, seen in RGB
+            assert np.array_equal(_as_uint8(image), np.asarray(Image.open(paired_path).convert("RGB")))
+    assert sorted(path for batch in target_batches for path in batch.image_path) == datamodule.shots
+    # The shots stay in order on every pass (both loaders unshuffled), so the pairs never drift apart.
+    assert [batch.image_path for batch in _all_batches(loaders["target"])] == [b.image_path for b in target_batches]
+
+
+def test_folder_pairs_by_relative_path_and_names_unmatched_shots(tmp_path: Path) -> None:
+    _write_camera(tmp_path / "old_camera", seed=0, num_good=5, colour=True)
+    _write_camera(tmp_path / "new_camera", seed=1, num_good=4, colour=False)
+    old, new = _camera(tmp_path / "old_camera", "old_camera"), _camera(tmp_path / "new_camera", "new_camera")
+    datamodule = CrossDomainDataModule(old, new, k_shot=3, shot_selection="random", seed=2, pair_shots=True)
+    datamodule.setup()
+    paired = datamodule.paired_source_data.samples["image_path"].tolist()
+    assert paired == [str(tmp_path / "old_camera" / "good" / Path(shot).name) for shot in datamodule.shots]
+
+    (tmp_path / "new_camera" / "good" / "003.png").rename(tmp_path / "new_camera" / "good" / "late.png")
+    unmatched = CrossDomainDataModule(
+        _camera(tmp_path / "old_camera", "old_camera"),
+        _camera(tmp_path / "new_camera", "new_camera"),
+        k_shot=4,
+        pair_shots=True,
+    )
+    with pytest.raises(ValueError, match=r"1 target shot\(s\) have no source .*new_camera/good/late.png .*'late.png'"):
+        unmatched.setup()
+    unpaired = CrossDomainDataModule(
+        _camera(tmp_path / "old_camera", "old_camera"), _camera(tmp_path / "new_camera", "new_camera"), k_shot=4
+    )
+    unpaired.setup()
+    assert unpaired.paired_source_data is None
+    assert set(unpaired.train_dataloader()) == {"source", "target"}
 
 
 def test_test_batches_are_target_domain_with_masks(root: Path) -> None:

@@ -33,11 +33,11 @@ class CollectScores(Callback):
         self._collect(outputs)
 
 
-def make_datamodule(root: Path, category: str) -> MVTec3DCrossDomain:
+def make_datamodule(root: Path, category: str, **kwargs: object) -> MVTec3DCrossDomain:
     return MVTec3DCrossDomain(
         root=root,
         category=category,
-        k_shot=1,
+        **{"k_shot": 1, **kwargs},
         train_batch_size=4,
         eval_batch_size=4,
         num_workers=0,
@@ -202,13 +202,46 @@ def test_single_domain_datamodule_uses_the_shots_as_target(tmp_path: Path, tiny_
         num_workers=0,
     )
     datamodule = FewShot(datamodule=folder, k_shot=2, seed=0)
-    model = HyperTrans(**tiny_hypertrans_kwargs)
+    model = HyperTrans(**{**tiny_hypertrans_kwargs, "shot_augmentation": "dihedral"})
     engine = Engine(default_root_dir=tmp_path / "run", accelerator="cpu", devices=1, max_epochs=3, logger=False)
     engine.fit(model=model, datamodule=datamodule)
     assert model.model.is_fitted
     assert not model.model.memory_bank.has("source")
     assert model.model.memory_bank.get("target").shape[0] == 2 * 8 * 64  # 2 shots x 8 dihedral views
     assert model.model.rectified_source.numel() == 0
+
+
+def test_paired_shots_translate_the_source_bank_and_fuse_by_union(trained: dict) -> None:
+    model: HyperTrans = trained["model"]
+    assert bool(model.model.source_bank_translated)  # MVTec3DCrossDomain pairs each shot with its RGB image
+    assert model.model.translation.is_fitted
+    assert float(model.model.scorer.union_fusion) == 1.0
+    assert all(unit > 0 for unit in model.model.scorer.units.tolist())
+    assert model.model.shot_view_indices.numel() >= 1
+    assert model.model.shot_view_indices[0] == 0  # the shot as it is always stays
+
+
+def test_without_pairs_the_model_ignores_them(
+    tmp_path: Path, synthetic_root: Path, synthetic_category: str, tiny_hypertrans_kwargs: dict
+) -> None:
+    """Unpaired data, or paired data with use_paired_shots=False, train exactly the model of before the pairs."""
+    runs = []
+    for pair_shots, use_paired_shots in ((False, True), (True, False)):
+        torch.manual_seed(0)
+        model = HyperTrans(**{**tiny_hypertrans_kwargs, "use_paired_shots": use_paired_shots})
+        engine = Engine(
+            default_root_dir=tmp_path / str(pair_shots), accelerator="cpu", devices=1, max_epochs=2, logger=False
+        )
+        datamodule = make_datamodule(synthetic_root, synthetic_category, pair_shots=pair_shots)
+        engine.fit(model=model, datamodule=datamodule)
+        assert not bool(model.model.source_bank_translated)
+        assert float(model.model.scorer.union_fusion) == 0.0
+        scores = CollectScores()
+        engine.trainer.callbacks.append(scores)
+        engine.test(model=model, datamodule=datamodule)
+        runs.append((model.model.memory_bank.get("source"), scores.scores))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
 
 
 def test_onnx_export_scores_like_the_torch_model(trained: dict, tmp_path: Path) -> None:

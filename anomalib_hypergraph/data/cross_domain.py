@@ -6,17 +6,24 @@ datamodule (shots, validation and test, ``name``/``category``, seed sharing, ima
 beside it. Training batches follow the contract of :mod:`~anomalib_hypergraph.data.domains`: a dict
 ``{SOURCE: DataLoader, TARGET: DataLoader}``; validation, test and prediction batches are the target domain's test
 images with their masks. :class:`~anomalib_hypergraph.data.MVTec3DCrossDomain` is the MVTec 3D-AD special case.
+
+Paired shots (``pair_shots=True``): in a sensor upgrade the first parts are usually captured by both sensors, and a
+model can learn from such pairs how the new sensor sees what the old one saw. Each target shot is then paired with
+the source training image at the same relative path (relative to the common folder of each datamodule's normal
+training images, e.g. ``new_camera/good/007.png`` with ``old_camera/good/007.png``), and ``train_dataloader()`` adds
+the ``PAIRED_SOURCE`` loader of :mod:`~anomalib_hypergraph.data.domains`.
 """
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from anomalib.data import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.utils.attrs import get_nested_attr
 from torch.utils.data import DataLoader
 
-from anomalib_hypergraph.data.domains import SOURCE, TARGET
+from anomalib_hypergraph.data.domains import PAIRED_SOURCE, SOURCE, TARGET
 from anomalib_hypergraph.data.few_shot import (
     FewShot,
     ShotSelection,
@@ -25,6 +32,41 @@ from anomalib_hypergraph.data.few_shot import (
     normal_positions,
     share_seed,
 )
+from anomalib_hypergraph.data.image_files import common_folder
+
+logger = logging.getLogger(__name__)
+
+
+def relative_keys(paths: Sequence[str], folder: str) -> list[str]:
+    """Each path relative to ``folder``, with ``/`` separators: the key that pairs images of two sensors."""
+    return [os.path.relpath(os.path.abspath(path), folder).replace(os.sep, "/") for path in paths]
+
+
+def pair_positions(
+    target_paths: Sequence[str], target_folder: str, source_paths: Sequence[str], source_folder: str
+) -> list[int]:
+    """Position in ``source_paths`` of the image paired with each of ``target_paths`` (same path below its folder).
+
+    Raises:
+        ValueError: A target image has no source image at the same relative path (the message names them all).
+
+    """
+    source_by_key = {key: position for position, key in enumerate(relative_keys(source_paths, source_folder))}
+    target_keys = relative_keys(target_paths, target_folder)
+    unmatched = [
+        f"{path} (looked for '{key}')"
+        for path, key in zip(target_paths, target_keys, strict=True)
+        if key not in source_by_key
+    ]
+    if unmatched:
+        msg = (
+            f"pair_shots=True, but {len(unmatched)} target shot(s) have no source training image at the same path "
+            f"below '{source_folder}': {', '.join(unmatched)}. Pairs are matched by the path below the common folder "
+            f"of each datamodule's normal training images (target: '{target_folder}'); give the paired captures the "
+            "same file names and sub-folders, or set pair_shots=False."
+        )
+        raise ValueError(msg)
+    return [source_by_key[key] for key in target_keys]
 
 
 class CrossDomainDataModule(FewShot):
@@ -44,16 +86,20 @@ class CrossDomainDataModule(FewShot):
         k_shot: Number of target shots.
         shot_selection: ``"first"`` (first k in sorted path order, the papers' protocol) or ``"random"`` (seeded).
         seed: Seed of the ``"random"`` selection (and of the wrapped datamodules' splits when they have none).
-        train_batch_size: Batch size of both training loaders.
+        pair_shots: Pair every target shot with the source training image at the same relative path (see the module
+            docstring) and add the ``PAIRED_SOURCE`` training loader.
+        train_batch_size: Batch size of the training loaders.
         eval_batch_size: Batch size of the validation, test and prediction loaders.
         num_workers: Workers of every loader.
 
     Attributes:
         shots: Paths of the chosen target images (after ``setup``), sorted.
+        paired_source_data: With ``pair_shots``: the source captures of the shots, in the order of the shots.
 
     Raises:
         ValueError: ``source`` and ``target`` are the same datamodule; at setup, the source training images include
-            images of the target (e.g. two datamodules of one folder, see :func:`check_domains_share_no_image`).
+            images of the target (e.g. two datamodules of one folder, see :func:`check_domains_share_no_image`), or
+            with ``pair_shots`` a shot has no paired source image.
 
     """
 
@@ -67,6 +113,7 @@ class CrossDomainDataModule(FewShot):
         k_shot: int = 1,
         shot_selection: ShotSelection = "first",
         seed: int = 0,
+        pair_shots: bool = False,
         train_batch_size: int = 8,
         eval_batch_size: int = 8,
         num_workers: int = 0,
@@ -84,8 +131,10 @@ class CrossDomainDataModule(FewShot):
         share_seed(source, seed, "source")
         self.source = source
         self.source_augmentations = source.train_augmentations
+        self.pair_shots = pair_shots
         self.source_train_data: AnomalibDataset
         self.target_train_data: AnomalibDataset
+        self.paired_source_data: AnomalibDataset | None = None
 
     @property
     def target(self) -> AnomalibDataModule:
@@ -111,6 +160,35 @@ class CrossDomainDataModule(FewShot):
         super()._setup(_stage)
         check_domains_share_no_image(self.source, self.source_train_data, self.target, super().datasets_to_read())
         self.target_train_data = self.train_data
+        if self.pair_shots:
+            self.paired_source_data = self._pair_shots()
+
+    def _pair_shots(self) -> AnomalibDataset:
+        """Return the source captures of the target shots, row ``i`` paired with shot ``i`` (same relative path)."""
+        target_normals = self.datamodule.train_data.samples["image_path"].iloc[
+            normal_positions(self.datamodule.train_data)
+        ]
+        source_paths = self.source_train_data.samples["image_path"].astype(str).tolist()
+        positions = pair_positions(
+            self.shots,
+            common_folder(target_normals.astype(str).tolist()),
+            source_paths,
+            common_folder(source_paths),
+        )
+        paired = self.source_train_data.subsample(positions)
+        # subsample keeps the dataset's own (path) order; restore the order of the shots.
+        order = {path: row for row, path in enumerate(paired.samples["image_path"].astype(str))}
+        paired = paired.subsample([order[source_paths[position]] for position in positions])
+        if self.datamodule.train_augmentations is not None or self.source_augmentations is not None:
+            logger.warning(
+                "pair_shots=True with training augmentations: the paired shots and their source captures are read "
+                "without them (random augmentations would break their pixel alignment)."
+            )
+        logger.info(
+            "Paired shots (target <- source): %s",
+            ", ".join(f"{t} <- {s}" for t, s in zip(self.shots, paired.samples["image_path"].astype(str), strict=True)),
+        )
+        return paired
 
     def _setup_source(self, stage: str | None) -> None:
         """Set up the source datamodule (only its ``train_data`` is used)."""
@@ -131,19 +209,38 @@ class CrossDomainDataModule(FewShot):
             self._update_subset_augmentations(source_data, self.source_augmentations, model_transform)
         else:
             source_data.augmentations = self.source_augmentations
+        if self.paired_source_data is not None:  # pixel-aligned pairs: no random augmentation on either side
+            for dataset in (self.paired_source_data, self.target_train_data):
+                if model_transform:
+                    self._update_subset_augmentations(dataset, None, model_transform)
+                else:
+                    dataset.augmentations = None
 
-    def _train_loader(self, dataset: AnomalibDataset) -> DataLoader:
+    def _train_loader(self, dataset: AnomalibDataset, *, shuffle: bool = True) -> DataLoader:
         return DataLoader(
             dataset=dataset,
-            shuffle=True,
+            shuffle=shuffle,
             batch_size=self.train_batch_size,
             num_workers=self.num_workers,
             collate_fn=self.external_collate_fn or dataset.collate_fn,
         )
 
     def train_dataloader(self) -> dict[str, DataLoader]:
-        """``{"source": all source normals, "target": the k target shots}``, both shuffled."""
-        return {SOURCE: self._train_loader(self.source_train_data), TARGET: self._train_loader(self.target_train_data)}
+        """``{"source": all source normals, "target": the k target shots}``, both shuffled.
+
+        With paired shots also ``"paired_source"``: their source captures; then neither the shots nor their pairs are
+        shuffled, so that the two loaders stay in step (row ``i`` of one is the pair of row ``i`` of the other).
+        """
+        if self.paired_source_data is None:
+            return {
+                SOURCE: self._train_loader(self.source_train_data),
+                TARGET: self._train_loader(self.target_train_data),
+            }
+        return {
+            SOURCE: self._train_loader(self.source_train_data),
+            TARGET: self._train_loader(self.target_train_data, shuffle=False),
+            PAIRED_SOURCE: self._train_loader(self.paired_source_data, shuffle=False),
+        }
 
 
 def check_domains_share_no_image(

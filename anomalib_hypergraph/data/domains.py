@@ -6,8 +6,15 @@ the short target loader), so a training step receives ``{SOURCE: ImageBatch, TAR
 and prediction batches are plain target-domain batches. A single-domain datamodule (e.g. ``FewShot``) trains with
 plain batches, which count as target shots.
 
+Paired shots (the sensor-upgrade case: the first parts are captured by both sensors). A datamodule that pairs its
+target shots adds a third loader, ``PAIRED_SOURCE``: the source-domain captures of the target shots, in the same order
+and with the same batch size as the ``TARGET`` loader (neither is shuffled), so that in every training step
+``batch[PAIRED_SOURCE]`` row ``i`` is the pixel-aligned source-sensor image of ``batch[TARGET]`` row ``i``.
+
 - :data:`SOURCE`, :data:`TARGET`: the two domain keys (also the names of a model's per-domain memory banks);
+- :data:`PAIRED_SOURCE`: the key of the paired source captures of the target shots;
 - :func:`split_domains`: ``(source, target)`` of a training batch of either kind;
+- :func:`paired_source`: the paired source captures of a training batch's target shots, or ``None``;
 - :class:`CrossDomainPreProcessor`: anomalib's pre-processor, extended to transform each batch of such a dictionary.
 """
 
@@ -23,6 +30,7 @@ if TYPE_CHECKING:
 
 SOURCE = "source"
 TARGET = "target"
+PAIRED_SOURCE = "paired_source"
 
 
 def split_domains(batch: Batch | dict[str, Batch]) -> tuple[Batch | None, Batch]:
@@ -38,6 +46,25 @@ def split_domains(batch: Batch | dict[str, Batch]) -> tuple[Batch | None, Batch]
             raise KeyError(msg)
         return batch.get(SOURCE), batch[TARGET]
     return None, batch
+
+
+def paired_source(batch: Batch | dict[str, Batch]) -> Batch | None:
+    """Return the source captures of a training batch's target shots (row ``i`` pairs target row ``i``), or ``None``.
+
+    Raises:
+        ValueError: The paired batch does not hold one image per target shot (the loaders are out of step).
+
+    """
+    if not isinstance(batch, dict) or batch.get(PAIRED_SOURCE) is None:
+        return None
+    pairs, target = batch[PAIRED_SOURCE], batch[TARGET]
+    if len(pairs.image) != len(target.image):
+        msg = (
+            f"Paired training batch out of step: {len(target.image)} target shots but {len(pairs.image)} paired "
+            f"source images; the '{TARGET}' and '{PAIRED_SOURCE}' loaders must have the same length and order."
+        )
+        raise ValueError(msg)
+    return pairs
 
 
 class CrossDomainPreProcessor(PreProcessor):

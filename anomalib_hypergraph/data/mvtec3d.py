@@ -304,7 +304,10 @@ class MVTec3DCrossDomain(CrossDomainDataModule):
     Source: every ``train/good`` image in ``source_domain``; target: k ``train/good`` shots in ``target_domain``;
     validation/test: the ``test`` split in ``target_domain`` with its ground-truth masks. Works on the real dataset and
     on :func:`~anomalib_hypergraph.data.synthetic.generate_synthetic_mvtec3d` output. Depth images are cached outside
-    the dataset (see the module docstring). The ``validation`` folder (normal images only) is not used.
+    the dataset (see the module docstring). The ``validation`` folder (normal images only) is not used. Every sample
+    of MVTec 3D-AD holds both sensors (``rgb/NNN.png`` and ``xyz/NNN.tiff``, pixel-aligned), so by default each target
+    shot comes with the same sample's image in the source domain (``pair_shots``, see
+    :class:`~anomalib_hypergraph.data.CrossDomainDataModule`).
 
     Args:
         root: Dataset root (``<root>/<category>/{train,validation,test}/<label>/{rgb,xyz,gt}``).
@@ -314,10 +317,11 @@ class MVTec3DCrossDomain(CrossDomainDataModule):
         k_shot: Number of target shots.
         shot_selection: ``"first"`` (first k sorted, the paper's protocol) or ``"random"`` (seeded).
         seed: Seed of the shot selection and of anomalib's random validation splits.
+        pair_shots: Give every target shot the same sample's source-domain image (``PAIRED_SOURCE`` loader).
         depth_size: Side of the rendered depth images (``None``: the tiff's resolution).
         remove_background: Render depth with background-plane removal.
         cache_dir: Base folder of the depth cache (``None``: ``<root>/../.anomalib_hypergraph_cache``).
-        train_batch_size: Batch size of both training loaders.
+        train_batch_size: Batch size of the training loaders.
         eval_batch_size: Validation/test batch size.
         num_workers: Loader workers.
         val_split_mode: As anomalib (default: the test set, as anomalib's ``MVTec3D``).
@@ -338,6 +342,7 @@ class MVTec3DCrossDomain(CrossDomainDataModule):
         k_shot: int = 1,
         shot_selection: ShotSelection = "first",
         seed: int = 0,
+        pair_shots: bool = True,
         depth_size: int | None = None,
         remove_background: bool = False,
         cache_dir: str | Path | None = None,
@@ -375,6 +380,7 @@ class MVTec3DCrossDomain(CrossDomainDataModule):
             k_shot=k_shot,
             shot_selection=shot_selection,
             seed=seed,
+            pair_shots=pair_shots,
             train_batch_size=train_batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,

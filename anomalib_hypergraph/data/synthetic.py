@@ -326,13 +326,21 @@ def _check_category(category: str) -> _CategoryStyle:
     return _STYLES[category]
 
 
-def sample_parameters(category: str, defect_type: str | None, rng: np.random.Generator) -> SyntheticSampleParameters:
+def sample_parameters(
+    category: str, defect_type: str | None, rng: np.random.Generator, defect_scale: float = 1.0
+) -> SyntheticSampleParameters:
     """Draw the parameters of one sample of ``category`` (``defect_type=None``: a good sample).
 
+    ``defect_scale`` multiplies a defect's size and its depth or height after they are drawn (the same draws for
+    every scale, so a smaller scale gives the same defects, smaller and shallower).
+
     Raises:
-        ValueError: Unknown category or defect type.
+        ValueError: Unknown category or defect type, or a ``defect_scale`` that is not positive.
 
     """
+    if not defect_scale > 0:
+        msg = f"defect_scale must be positive, got {defect_scale!r}."
+        raise ValueError(msg)
     style = _check_category(category)
     if defect_type is not None and defect_type not in DEFECT_TYPES:
         msg = f"Unknown synthetic defect type '{defect_type}'; choose from {DEFECT_TYPES} or None for a good sample."
@@ -363,9 +371,9 @@ def sample_parameters(category: str, defect_type: str | None, rng: np.random.Gen
     defect = SyntheticDefect(
         kind=defect_type,
         center=center,
-        size=float(rng.uniform(*size[defect_type])),
-        length=float(rng.uniform(0.5, 0.8)),
-        amplitude=float(rng.uniform(0.003, 0.005)),
+        size=float(rng.uniform(*size[defect_type])) * defect_scale,
+        length=float(rng.uniform(0.5, 0.8)) * defect_scale,
+        amplitude=float(rng.uniform(0.003, 0.005)) * defect_scale,
         angle=float(rng.uniform(0.0, np.pi)),
         aspect=float(rng.uniform(0.7, 1.0)),
         shape_seed=int(rng.integers(2**31)),
@@ -485,6 +493,7 @@ def _write_sample(folder: Path, index: int, sample: SyntheticSample) -> None:
 
 
 def _generate_category(root: Path, category: str, parameters: dict) -> None:
+    parameters = {"defect_scale": 1.0, **parameters}
     plan = [("train", "good", parameters["num_train"]), ("validation", "good", parameters["num_validation"])]
     plan.append(("test", "good", parameters["num_test_good"]))
     defect_labels = _test_defect_labels(parameters["num_test_defect"])
@@ -492,7 +501,9 @@ def _generate_category(root: Path, category: str, parameters: dict) -> None:
     for split, label, count in plan:
         for index in range(count):
             rng = sample_rng(parameters["seed"], category, split, label, index)
-            sample_parameters_ = sample_parameters(category, None if label == "good" else label, rng)
+            sample_parameters_ = sample_parameters(
+                category, None if label == "good" else label, rng, parameters["defect_scale"]
+            )
             sample = render_synthetic_sample(sample_parameters_, parameters["image_size"])
             _write_sample(root / category / split / label, index, sample)
 
@@ -527,6 +538,7 @@ def generate_synthetic_mvtec3d(
     num_test_good: int = 12,
     num_test_defect: int = 12,
     image_size: int = 256,
+    defect_scale: float = 1.0,
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
@@ -546,6 +558,8 @@ def generate_synthetic_mvtec3d(
         num_test_good: Good test images per category.
         num_test_defect: Defective test images per category, split round-robin over :data:`DEFECT_TYPES`.
         image_size: Image side in pixels.
+        defect_scale: Multiplies every defect's size and depth/height (e.g. 0.5: small, shallow defects that a
+            few-shot detector finds much harder; 1: the default defects, 3-5 mm deep or high).
         seed: Seed of everything random; the same seed writes identical files.
         overwrite: Regenerate even when a complete dataset with the same parameters is present.
 
@@ -584,7 +598,12 @@ def generate_synthetic_mvtec3d(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         msg = f"seed must be a non-negative int, got {seed!r}."
         raise ValueError(msg)
+    if isinstance(defect_scale, bool) or not isinstance(defect_scale, int | float) or not defect_scale > 0:
+        msg = f"defect_scale must be a positive number, got {defect_scale!r}."
+        raise ValueError(msg)
     parameters = {"categories": categories, **counts, "image_size": image_size, "seed": seed}
+    if defect_scale != 1:  # absent at the default, so datasets written before the option are reused as they are
+        parameters["defect_scale"] = float(defect_scale)
 
     if root.exists() and not root.is_dir():
         msg = f"Synthetic dataset root '{root}' exists and is not a folder."
@@ -631,6 +650,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--num-test-good", type=int, default=12)
     parser.add_argument("--num-test-defect", type=int, default=12)
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--defect-scale", type=float, default=1.0, help="size and depth of the defects (0.5: subtle)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="regenerate even if the same dataset is present")
     args = parser.parse_args(argv)
@@ -643,6 +663,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         num_test_good=args.num_test_good,
         num_test_defect=args.num_test_defect,
         image_size=args.image_size,
+        defect_scale=args.defect_scale,
         seed=args.seed,
         overwrite=args.overwrite,
     )

@@ -31,12 +31,12 @@ from anomalib_hypergraph.hypergraph.distributed import gather_rows
 from anomalib_hypergraph.hypergraph.knn import chunked_knn, squared_row_norms
 
 
-def _deduplicate_by_key(features: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Sort rows by key and keep the first row of every key."""
+def _deduplicate_by_key(features: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort rows by key and keep the first row of every key; return the rows and their keys."""
     keys, order = torch.sort(keys, stable=True)
     first = torch.ones_like(keys, dtype=torch.bool)
     first[1:] = keys[1:] != keys[:-1]
-    return features[order[first]]
+    return features[order[first]], keys[first]
 
 
 def _bank_squared_norm(bank: torch.Tensor) -> torch.Tensor:
@@ -70,6 +70,8 @@ class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
 
     Args:
         domains: bank names (valid Python identifiers, unique), e.g. ``("source", "target")``.
+        persistent: whether the banks belong to the module's state dict (``False`` for staging areas whose rows are
+            only needed while fitting, e.g. paired shots).
 
     Example:
         >>> bank = HypergraphMemoryBank(domains=("target",))
@@ -79,7 +81,7 @@ class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
 
     """
 
-    def __init__(self, domains: Sequence[str] = ("source", "target")) -> None:
+    def __init__(self, domains: Sequence[str] = ("source", "target"), *, persistent: bool = True) -> None:
         super().__init__()
         domains = tuple(domains)
         if not domains or len(set(domains)) != len(domains):
@@ -89,8 +91,8 @@ class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
             if not isinstance(domain, str) or not domain.isidentifier():
                 msg = f"HypergraphMemoryBank domain names must be Python identifiers, got {domain!r}."
                 raise ValueError(msg)
-            self.register_buffer(self._buffer_name(domain), torch.empty(0, 0))
-            self.register_buffer(self._norm_buffer_name(domain), torch.empty(0))
+            self.register_buffer(self._buffer_name(domain), torch.empty(0, 0), persistent=persistent)
+            self.register_buffer(self._norm_buffer_name(domain), torch.empty(0), persistent=persistent)
         self._domains = domains
         self._staged_features: dict[str, list[torch.Tensor]] = {domain: [] for domain in domains}
         self._staged_keys: dict[str, list[torch.Tensor]] = {domain: [] for domain in domains}
@@ -173,13 +175,56 @@ class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
         if keys is not None:
             self._staged_keys[domain].append(keys)
 
+    def collect(
+        self, domain: str, gather: bool = True, channels: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the staged rows of ``domain`` (and their keys) and clear the stage, without storing them.
+
+        Steps: concatenate; gather from all ranks (``gather=True``, no-op without torch.distributed); with keys, sort by
+        key and keep one row per key. Under data parallelism every rank must call it (gathering is collective).
+
+        Args:
+            domain: bank name.
+            gather: gather the rows of all ranks.
+            channels: for a domain that may have no staged rows on some rank: take part with ``(0, channels)`` rows
+                and no keys instead of failing (keys are then expected wherever rows were staged).
+
+        Returns:
+            ``(rows, keys)``: rows ``(n, C)`` and their sorted unique keys ``(n,)`` (``None`` when staged without keys).
+
+        Raises:
+            RuntimeError: nothing was staged for ``domain`` and ``channels`` is not given.
+
+        """
+        self._check_domain(domain)
+        if not self._staged_features[domain]:
+            if channels is None:
+                msg = f"HypergraphMemoryBank: nothing staged for domain {domain!r}; call add() first."
+                raise RuntimeError(msg)
+            self._staged_features[domain] = [self.get(domain).new_empty(0, channels)]
+            self._staged_keys[domain] = [torch.empty(0, dtype=torch.long)]
+        features = torch.cat(self._staged_features[domain])
+        keys = torch.cat(self._staged_keys[domain]) if self._staged_keys[domain] else None
+        self._staged_features[domain] = []
+        self._staged_keys[domain] = []
+        if gather:
+            features = gather_rows(features)
+            keys = gather_rows(keys) if keys is not None else None
+        if keys is not None:
+            features, keys = _deduplicate_by_key(features, keys)
+        return features, keys
+
+    def has_staged(self, domain: str) -> bool:
+        """Whether rows are staged for ``domain`` (on this rank)."""
+        self._check_domain(domain)
+        return bool(self._staged_features[domain])
+
     def finalize(
         self, domain: str, coreset_ratio: float | None = None, gather: bool = True, seed: int = 0
     ) -> torch.Tensor:
         """Turn the staged rows into the stored bank and clear the stage.
 
-        Steps: concatenate; gather from all ranks (``gather=True``, no-op without torch.distributed); with keys, sort by
-        key and keep one row per key; with ``coreset_ratio < 1``, keep a seeded greedy coreset of
+        :meth:`collect` (gather, one row per key), then with ``coreset_ratio < 1`` a seeded greedy coreset of
         ``int(rows * coreset_ratio)`` rows. Under data parallelism every rank must call it (gathering is collective).
 
         Args:
@@ -196,24 +241,12 @@ class HypergraphMemoryBank(DynamicBufferMixin, nn.Module):
             ValueError: ``coreset_ratio`` outside (0, 1] or too small to keep one row.
 
         """
-        self._check_domain(domain)
         if coreset_ratio is not None and not 0 < coreset_ratio <= 1:
             msg = f"coreset_ratio must be in (0, 1] or None, got {coreset_ratio}."
             raise ValueError(msg)
-        if not self._staged_features[domain]:
-            msg = f"HypergraphMemoryBank.finalize: nothing staged for domain {domain!r}; call add() first."
-            raise RuntimeError(msg)
-        features = torch.cat(self._staged_features[domain])
-        keys = torch.cat(self._staged_keys[domain]) if self._staged_keys[domain] else None
-        if gather:
-            features = gather_rows(features)
-            keys = gather_rows(keys) if keys is not None else None
-        if keys is not None:
-            features = _deduplicate_by_key(features, keys)
+        features, _ = self.collect(domain, gather=gather)
         if coreset_ratio is not None and coreset_ratio < 1:
             features = greedy_coreset(features, coreset_ratio, seed)
-        self._staged_features[domain] = []
-        self._staged_keys[domain] = []
         self.set(domain, features)
         return self.get(domain)
 

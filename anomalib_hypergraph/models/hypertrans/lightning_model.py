@@ -21,7 +21,6 @@ current adapters: a cheap, honest progress signal.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,17 +39,35 @@ from torch.utils.data import DataLoader, RandomSampler
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_hypergraph.backbones import backbone_data_config
-from anomalib_hypergraph.data.domains import SOURCE, TARGET, CrossDomainPreProcessor, split_domains
+from anomalib_hypergraph.data.domains import (
+    PAIRED_SOURCE,
+    SOURCE,
+    TARGET,
+    CrossDomainPreProcessor,
+    paired_source,
+    split_domains,
+)
+from anomalib_hypergraph.hypergraph import HypergraphMemoryBank, greedy_coreset
 from anomalib_hypergraph.models.checkpoints import CheckpointGuard, CheckpointSpec
 from anomalib_hypergraph.models.run_guard import RunGuard
 from anomalib_hypergraph.models.smoothing import check_blur_fits
 
-from .torch_model import HyperTransModel, flatten_patches
+from .sensor_map import DEFAULT_RIDGE_CANDIDATES
+from .torch_model import (
+    VIEW_PROBE_IMAGES,
+    HyperTransModel,
+    PairedShots,
+    flatten_patches,
+    image_key,
+    view_probe_split,
+)
 
 logger = logging.getLogger(__name__)
 
 PATCH_INDEX_BITS = 15
 VIEW_INDEX_BITS = 4
+IMAGE_KEY_BITS = 44  # image_key: an 11-hex-digit SHA-1 prefix
+VIEW_PROBE = "view_probe"  # staging domain: probe source images in every candidate view (choose_shot_views)
 
 # How HyperTrans's options relate to its checkpoints (see anomalib_hypergraph.models.checkpoints); options not listed
 # change the scores of a loaded model (beta, sigma, kernel, K, alpha, CDS switch) and are warned about.
@@ -85,6 +102,10 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "search_backend",  # memory/speed; the approximate backends (IVF, HNSW) may move scores by missed neighbours
             "seed",
             "shot_augmentation",  # shapes the banks, which the checkpoint holds
+            "view_min_share",  # chooses the shot views at fit time (the banks hold the result)
+            "use_paired_shots",  # translates the source bank at fit time (the banks hold the result)
+            "translation_ridge",
+            "source_fusion",  # sets the fusion buffers the checkpoint holds
             "domain_weighting",  # sets the source weight, a buffer the checkpoint holds
         }
     ),
@@ -121,8 +142,11 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         image_score: psi of Eq. 12-13 / 15-16: ``"top_mean"`` (ours, default) the mean of the highest
             ``top_fraction`` of an image's patch scores, or ``"max"`` (the paper).
         top_fraction: share of the patches averaged by ``"top_mean"`` (default 1 %).
-        shot_augmentation: ``"dihedral"`` (ours, default): the target bank also holds the 90-degree rotations and
-            mirror images of every shot; ``"none"``: the shots as they are (the paper).
+        shot_augmentation: which views of the shots enter the target bank: ``"auto"`` (ours, default) the dihedral
+            views (90-degree rotations and mirror images) that explain held-out source images, decided at fit time and
+            logged; ``"dihedral"``: all of them; ``"none"``: the shots as they are (the paper).
+        view_min_share: ``"auto"`` keeps a view whose share of held-out source patches' nearest neighbours is at least
+            this fraction of the share it would have if the part looked the same in every view (default 0.25).
         sigma: Gaussian smoothing of the anomaly map (paper: 4).
         chunk_size: rows per block in distance computations.
         search_backend: bank search, ``"exact"`` (default), ``"faiss_flat"`` (exact), ``"faiss_ivf"`` or
@@ -130,6 +154,12 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         use_domain_perturbation: ablation switch for DP (Table 3).
         use_rectification: ablation switch for HDR (Table 3).
         use_cross_domain_scoring: ablation switch for CDS (Table 3).
+        use_paired_shots: when the datamodule pairs each shot with its source-sensor capture (``pair_shots``), learn a
+            map from source to target features on the pairs and translate the source bank with it (ours).
+        translation_ridge: relative ridge strengths the map chooses from by cross-validation over the shots (or views).
+        source_fusion: ``"auto"`` (default): a translated source bank joins the target bank as a calibrated union (the
+            sub-hypergraph that explains a patch best, distances in held-out units fitted on the shots), an untranslated
+            one through Eq. 18-19 (``domain_weighting``); ``"union"`` or ``"weighted"`` force one.
         seed: seed of everything random in training: adapter and HGNN initialisation, Perlin draws, the order of the
             training images, the coreset, stage-2 dropout (private generators, identical on every rank under DDP).
         model_kwargs: extra keyword arguments for ``timm.create_model`` (tiny test backbones).
@@ -167,13 +197,17 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         domain_weighting: str = "evidence",
         image_score: str = "top_mean",
         top_fraction: float = 0.01,
-        shot_augmentation: str = "dihedral",
+        shot_augmentation: str = "auto",
+        view_min_share: float = 0.25,
         sigma: float = 4.0,
         chunk_size: int = 2048,
         search_backend: str = "exact",
         use_domain_perturbation: bool = True,
         use_rectification: bool = True,
         use_cross_domain_scoring: bool = True,
+        use_paired_shots: bool = True,
+        translation_ridge: Sequence[float] = DEFAULT_RIDGE_CANDIDATES,
+        source_fusion: str = "auto",
         seed: int = 0,
         model_kwargs: dict[str, Any] | None = None,
         pre_processor: nn.Module | bool = True,
@@ -222,12 +256,16 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             image_score=image_score,
             top_fraction=top_fraction,
             shot_augmentation=shot_augmentation,
+            view_min_share=view_min_share,
             sigma=sigma,
             chunk_size=chunk_size,
             search_backend=search_backend,
             use_domain_perturbation=use_domain_perturbation,
             use_rectification=use_rectification,
             use_cross_domain_scoring=use_cross_domain_scoring,
+            use_paired_shots=use_paired_shots,
+            translation_ridge=translation_ridge,
+            source_fusion=source_fusion,
             seed=seed,
         )
         self.epochs_perturbation = epochs_perturbation if use_domain_perturbation else 0
@@ -240,6 +278,10 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         self._perturbation_epochs_planned = self.epochs_perturbation
         self._provisional_target_bank: torch.Tensor | None = None
         self._staged_domains: set[str] = set()
+        # Staging of the bank epoch (not in checkpoints): shots and their pairs in every view, the view probes.
+        self._stage = HypergraphMemoryBank(domains=(TARGET, PAIRED_SOURCE, VIEW_PROBE), persistent=False)
+        self._probe_key_limit = 0
+        self._num_views = 1
 
     # ------------------------------------------------------------------------------------------ anomalib API
     @classmethod
@@ -293,6 +335,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
     def on_train_start(self) -> None:
         """Seed the order of the training images; shorten stage 1 when ``max_epochs`` cannot hold it and the banks."""
         seed_shuffling(self.trainer.train_dataloader, self.seed)
+        self._probe_key_limit = probe_key_limit(self.trainer.train_dataloader)
         max_epochs = self.trainer.max_epochs
         planned = self.epochs_perturbation
         if max_epochs is not None and max_epochs >= 0 and planned >= max_epochs:
@@ -323,16 +366,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             return {"loss": loss}
 
         with torch.no_grad():
-            for domain, domain_batch in ((SOURCE, source), (TARGET, target)):
-                if domain_batch is None:
-                    continue
-                views = [domain_batch.image] if domain == SOURCE else self.model.shot_views(domain_batch.image)
-                for view_index, view in enumerate(views):
-                    features = self.model.extract(view)
-                    patches_per_image = features.shape[-2] * features.shape[-1]
-                    keys = patch_keys(domain_batch.image_path, patches_per_image, features.device, view=view_index)
-                    self.model.memory_bank.add(domain, flatten_patches(features), keys)
-                self._staged_domains.add(domain)
+            self._stage_bank_batch(source, target, paired_source(batch))
         # Count the bank step as a training step (Patchcore does so with a dummy loss): no gradients exist, so no
         # weight moves, but the global step advances and the checkpoint of this epoch is not skipped as "already saved".
         optimizer = self.optimizers()
@@ -342,29 +376,107 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             self._finish_fit()
         return None
 
+    def _stage_views(self, domain: str, images: torch.Tensor, paths: Sequence[str]) -> None:
+        """Stage the patch rows of ``images`` in every candidate view, keyed by ``paths`` and the view."""
+        views = self.model.candidate_views(images)
+        self._num_views = max(self._num_views, len(views))
+        for view_index, view in enumerate(views):
+            features = self.model.extract(view)
+            keys = patch_keys(paths, features.shape[-2] * features.shape[-1], features.device, view_index)
+            self._stage.add(domain, flatten_patches(features), keys)
+
+    def _stage_bank_batch(self, source: Batch | None, target: Batch, pairs: Batch | None) -> None:
+        """Bank epoch: stage source rows, view probes, the shots in every candidate view and their paired captures.
+
+        Source images go to the memory bank as they are; those among the first source images by key (a hash of the
+        path, see :func:`~.torch_model.view_probe_split`) are also seen in every view, for the choice of shot views.
+        Shots and their paired source captures are staged in every candidate view under the *shot's* keys, so that
+        after sorting by key row ``i`` of one is the pair of row ``i`` of the other. Which views enter the target bank
+        is decided in :meth:`_finish_fit`.
+        """
+        if source is not None:
+            features = self.model.extract(source.image)
+            keys = patch_keys(source.image_path, features.shape[-2] * features.shape[-1], features.device)
+            self.model.memory_bank.add(SOURCE, flatten_patches(features), keys)
+            probes = [index for index, path in enumerate(source.image_path) if image_key(path) < self._probe_key_limit]
+            if probes:
+                self._stage_views(VIEW_PROBE, source.image[probes], [source.image_path[index] for index in probes])
+            self._staged_domains.add(SOURCE)
+        self._stage_views(TARGET, target.image, target.image_path)
+        self._staged_domains.add(TARGET)
+        if pairs is not None:
+            self._stage_views(PAIRED_SOURCE, pairs.image, target.image_path)
+            self._staged_domains.add(PAIRED_SOURCE)
+
     def _finish_fit(self) -> None:
-        """Finalise the banks, run stage 2 (HDR) and store what inference needs (``fit_banks``); then stop training."""
-        memory = self.model.memory_bank
-        memory.finalize(TARGET, coreset_ratio=None, seed=self.seed)
+        """Choose the shot views, finalise the banks, run stage 2 (HDR), store what inference needs; stop training."""
+        memory, stage = self.model.memory_bank, self._stage
+        channels = self.model.feature_extractor.feature_dim
+        target_rows, target_keys = stage.collect(TARGET)
         if SOURCE in self._staged_domains:
-            memory.finalize(SOURCE, coreset_ratio=self.coreset_sampling_ratio, seed=self.seed)
-        elif self.model.rectifier is not None:
-            logger.warning("No source-domain images: hypergraph domain rectification needs two domains and is skipped.")
+            source_rows, source_keys = memory.collect(SOURCE)
+            probe_rows, probe_keys = stage.collect(VIEW_PROBE, channels=channels)
+            source_images = torch.unique(key_image(source_keys)).tolist()
+            probes, held_out = view_probe_split(source_images)
+            probe_images = torch.tensor([source_images[position] for position in probes], dtype=torch.long)
+            held_images = torch.tensor([source_images[position] for position in held_out], dtype=torch.long)
+            chosen = torch.isin(key_image(probe_keys), probe_images.to(probe_keys.device))
+            probe_views = [probe_rows[chosen & (key_view(probe_keys) == view)] for view in range(self._num_views)]
+            held_rows = source_rows[torch.isin(key_image(source_keys), held_images.to(source_keys.device))]
+            memory.set(SOURCE, greedy_coreset(source_rows, self.coreset_sampling_ratio, seed=self.seed))
+        else:  # single domain: the views are judged on the shots themselves (one probe shot, the others held out)
+            if self.model.rectifier is not None:
+                logger.warning("No source-domain images: hypergraph domain rectification needs two domains; skipped.")
+            shots = torch.unique(key_image(target_keys))
+            probe = key_image(target_keys) == shots[0]
+            probe_views = [target_rows[probe & (key_view(target_keys) == view)] for view in range(self._num_views)]
+            held_rows = target_rows[~probe & (key_view(target_keys) == 0)]
+        views = self.model.choose_shot_views(probe_views, held_rows)
+        kept = torch.isin(key_view(target_keys), torch.tensor(views.kept, device=target_keys.device))
+        memory.set(TARGET, target_rows[kept])
+        pairs = None
+        if PAIRED_SOURCE in self._staged_domains:
+            paired_rows, paired_keys = stage.collect(PAIRED_SOURCE)
+            if not torch.equal(paired_keys, target_keys):
+                msg = "Paired shots: the paired source captures do not match the target shots one to one."
+                raise RuntimeError(msg)
+            _, shot = torch.unique(key_image(target_keys), return_inverse=True)
+            pairs = PairedShots(source=paired_rows, target=target_rows, shot=shot, view=key_view(target_keys))
         report = self.model.fit_banks(
-            iterations=self.epochs_rectification, lr=self.lr_rectification, on_iteration=self._log_rectification
+            iterations=self.epochs_rectification,
+            lr=self.lr_rectification,
+            on_iteration=self._log_rectification,
+            pairs=pairs,
         )
         logger.info(
-            "HyperTrans banks: %d target patches, %d source patches (coreset); kernel scale %.4g; source weight %.3f "
-            "in Eq. 18-19; %s of the vertices took their pseudo feature (Eq. 10) from the nearest other-domain vertex.",
+            "HyperTrans shot views: kept %s of %d%s.",
+            views.kept,
+            self._num_views,
+            f" (share of held-out source patches per view: {views.shares})" if views.shares else "",
+        )
+        if report.translation is not None:
+            logger.info(
+                "HyperTrans paired shots: %d patch pairs in %d groups; the source bank is translated into the target "
+                "feature space (ridge %.0e chosen from %s by cross-validation).",
+                report.translation.pairs,
+                report.translation.groups,
+                report.translation.ridge,
+                list(report.translation.candidates),
+            )
+        logger.info(
+            "HyperTrans banks: %d target patches, %d source patches (coreset); kernel scale %.4g; fusion of the "
+            "sub-hypergraphs: %s; %s of the vertices took their pseudo feature (Eq. 10) from the nearest other-domain "
+            "vertex.",
             report.target_rows,
             report.source_rows,
             report.kernel_scale,
-            report.source_weight,
+            _describe_fusion(report),
             "none" if report.fallback_share != report.fallback_share else f"{report.fallback_share:.1%}",
         )
         self.log("train/target_bank_size", float(report.target_rows))
         self.log("train/source_bank_size", float(report.source_rows))
         self.log("train/source_weight", report.source_weight)
+        self.log("train/shot_views", float(len(views.kept)))
         if report.losses:
             self.log("train/loss_dr_first", report.losses[0])
             self.log("train/loss_dr", report.losses[-1], prog_bar=True)
@@ -437,14 +549,44 @@ def patch_keys(image_paths: Sequence[str], patches_per_image: int, device: torch
     if not 0 <= view < 2**VIEW_INDEX_BITS:
         msg = f"view must be in [0, {2**VIEW_INDEX_BITS}), got {view}."
         raise ValueError(msg)
-    image_keys = torch.tensor(
-        [int(hashlib.sha1(str(path).encode()).hexdigest()[:11], 16) for path in image_paths],
-        dtype=torch.long,
-        device=device,
-    )
+    image_keys = torch.tensor([image_key(path) for path in image_paths], dtype=torch.long, device=device)
     patch_index = torch.arange(patches_per_image, dtype=torch.long, device=device)
     prefix = ((image_keys << VIEW_INDEX_BITS) | view) << PATCH_INDEX_BITS
     return (prefix[:, None] | patch_index[None, :]).reshape(-1)
+
+
+def probe_key_limit(loaders: object) -> int:
+    """Image keys below this limit are view-probe candidates: about three times :data:`VIEW_PROBE_IMAGES` images.
+
+    :func:`~.torch_model.image_key` values are uniform hashes, so the candidates are the first images in key order,
+    the probes of :func:`~.torch_model.view_probe_split` among them; only these are seen in every view while the banks
+    are filled. 0 without a source loader.
+    """
+    iterables = getattr(loaders, "iterables", loaders)
+    if not isinstance(iterables, dict) or iterables.get(SOURCE) is None:
+        return 0
+    count = len(iterables[SOURCE].dataset)
+    return int(min(1.0, 3 * VIEW_PROBE_IMAGES / max(count, 1)) * 2**IMAGE_KEY_BITS)
+
+
+def _describe_fusion(report: object) -> str:
+    """Describe the fusion of a :class:`~.torch_model.BankReport` in words, for the log."""
+    if report.fusion == "union":
+        target_unit, source_unit = report.units
+        return f"calibrated union (held-out units: target {target_unit:.4g}, source {source_unit:.4g})"
+    if report.fusion == "weighted":
+        return f"Eq. 18-19 with source weight {report.source_weight:.3f}"
+    return "target bank only"
+
+
+def key_image(keys: torch.Tensor) -> torch.Tensor:
+    """Return the image part of patch keys (:func:`patch_keys`): the :func:`~.torch_model.image_key` of its path."""
+    return keys >> (VIEW_INDEX_BITS + PATCH_INDEX_BITS)
+
+
+def key_view(keys: torch.Tensor) -> torch.Tensor:
+    """Return the view part of patch keys (:func:`patch_keys`)."""
+    return (keys >> PATCH_INDEX_BITS) & (2**VIEW_INDEX_BITS - 1)
 
 
 def seed_shuffling(loaders: object, seed: int) -> None:

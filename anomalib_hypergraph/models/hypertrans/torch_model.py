@@ -26,6 +26,7 @@ vertex is taken among the K raw nearest of that domain).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -47,16 +48,20 @@ from anomalib_hypergraph.hypergraph import (
     bank_hypergraph,
     chunked_knn,
 )
+from anomalib_hypergraph.models.state import DefaultedState
 
 from .perturbation import DomainPerturbation, perturbation_loss
 from .rectification import ResHGNN, pseudo_features, train_rectifier
-from .scoring import CrossDomainScorer, DomainWeighting, ImageScore
+from .scoring import CrossDomainScorer, DomainWeighting, ImageScore, SourceFusion
+from .sensor_map import DEFAULT_RIDGE_CANDIDATES, SensorTranslation, TranslationReport
 
 logger = logging.getLogger(__name__)
 
 DOMAINS = (TARGET, SOURCE)  # vertex order of the cross-domain hypergraph: target rows first
 SHORTLIST_MARGIN = 4  # extra exact candidates per search, see HyperTransModel._search_banks
-ShotAugmentation = Literal["dihedral", "none"]
+VIEW_PROBE_IMAGES = 4  # source images seen in every view for the choice of shot views (choose_shot_views)
+VIEW_HELD_OUT_IMAGES = 16  # further source images whose patches that choice matches against the probes
+ShotAugmentation = Literal["auto", "dihedral", "none"]
 
 
 @dataclass
@@ -70,6 +75,9 @@ class BankReport:
         source_weight: the weight of the source sub-hypergraph in Eq. 18-19 actually used.
         fallback_share: share of vertices whose pseudo feature (Eq. 10) came from the fallback (NaN without HDR).
         losses: stage-2 loss per iteration (empty without HDR).
+        fusion: how the sub-hypergraphs are fused (``"target only"``, ``"union"`` or ``"weighted"``).
+        translation: how the source bank was translated from paired shots (None without pairs).
+        units: ``(target, source)`` held-out median distances, the units of the union (None for other fusions).
 
     """
 
@@ -79,9 +87,47 @@ class BankReport:
     source_weight: float
     fallback_share: float
     losses: list[float]
+    fusion: str = "target only"
+    translation: TranslationReport | None = None
+    units: tuple[float, float] | None = None
 
 
-class HyperTransModel(DynamicBufferMixin, nn.Module):
+@dataclass
+class PairedShots:
+    """Patch rows of the target shots and of their pixel-aligned source captures, in every candidate view.
+
+    Row ``i`` of ``source`` and of ``target`` show the same spot of the same part, seen by the two sensors.
+
+    Attributes:
+        source: source-sensor rows ``(n, C)`` (the paired source images through the adapted backbone).
+        target: target-sensor rows ``(n, C)`` (the shots through the adapted backbone).
+        shot: ``(n,)`` integer id of the shot a row belongs to.
+        view: ``(n,)`` index of the dihedral view a row belongs to (see :func:`dihedral_views`).
+
+    """
+
+    source: torch.Tensor
+    target: torch.Tensor
+    shot: torch.Tensor
+    view: torch.Tensor
+
+
+@dataclass
+class ViewReport:
+    """How :meth:`HyperTransModel.choose_shot_views` decided which views of the shots enter the target bank.
+
+    Attributes:
+        kept: indices of the kept views (0 is the shot as it is).
+        shares: per candidate view, the share of held-out source patches whose nearest neighbour lies in that view of
+            the probe images (empty when the choice was not made from data).
+
+    """
+
+    kept: list[int]
+    shares: list[float]
+
+
+class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
     """HyperTrans as a pure ``nn.Module``: adapted backbone, domain banks, residual HGNN and cross-domain scorer.
 
     Args:
@@ -106,9 +152,13 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         domain_weighting: how beta is applied, see :class:`~.scoring.CrossDomainScorer`.
         image_score: psi of Eq. 12-13 / 15-16, see :class:`~.scoring.CrossDomainScorer` (paper: ``"max"``).
         top_fraction: share of an image's patches averaged by ``image_score="top_mean"``.
-        shot_augmentation: ``"dihedral"`` (ours, default): the target bank holds every target shot in its eight
-            dihedral views (four 90-degree rotations, each also mirrored; four views for non-square images), so that one
-            shot also covers the orientations a part takes on the line; ``"none"``: the shots as they are (the paper).
+        shot_augmentation: which views of every target shot enter the target bank. ``"auto"`` (ours, default): decided
+            at fit time from the source images (:meth:`choose_shot_views`): a dihedral view (90-degree rotations, each
+            also mirrored; four views for non-square images) is kept only when it explains held-out source patches, i.e.
+            when the part's normal images really take that orientation; ``"dihedral"``: all views; ``"none"``: the
+            shots as they are (the paper).
+        view_min_share: ``"auto"`` keeps a view whose share of the held-out source patches' nearest neighbours is at
+            least this fraction of the share every view would have if the part looked the same in all of them.
         sigma: Gaussian smoothing of the upsampled anomaly map (paper: 4).
         chunk_size: rows per block in every distance computation (memory vs speed).
         search_backend: how the per-domain banks are searched (:class:`~anomalib_hypergraph.hypergraph.BankIndex`):
@@ -118,9 +168,18 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         use_domain_perturbation: ablation switch for DP (adapters are then absent).
         use_rectification: ablation switch for HDR (banks and queries are then used as extracted).
         use_cross_domain_scoring: ablation switch for CDS (off: one nearest-neighbour bank, the union of both).
+        use_paired_shots: when the shots come with pixel-aligned source captures (:class:`PairedShots`), translate the
+            source bank into the target feature space (:mod:`.sensor_map`); ``False`` ignores the pairs.
+        translation_ridge: relative ridge strengths the translation chooses from by grouped cross-validation.
+        source_fusion: how the source sub-hypergraph joins the target one: ``"auto"`` (the calibrated union for a
+            translated source bank, Eq. 18-19 weighting otherwise), ``"union"`` or ``"weighted"``
+            (:class:`~.scoring.CrossDomainScorer`).
         seed: seed of the adapters' and the HGNN's initialisation and of the Perlin draws (private generators).
 
     """
+
+    # Checkpoints from before paired shots and the choice of shot views: every view kept, source bank not translated.
+    defaulted_state = ("shot_view_indices", "source_bank_translated")
 
     def __init__(
         self,
@@ -142,18 +201,25 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         domain_weighting: DomainWeighting = "evidence",
         image_score: ImageScore = "top_mean",
         top_fraction: float = 0.01,
-        shot_augmentation: ShotAugmentation = "dihedral",
+        shot_augmentation: ShotAugmentation = "auto",
+        view_min_share: float = 0.25,
         sigma: float = 4.0,
         chunk_size: int = 2048,
         search_backend: str = "exact",
         use_domain_perturbation: bool = True,
         use_rectification: bool = True,
         use_cross_domain_scoring: bool = True,
+        use_paired_shots: bool = True,
+        translation_ridge: Sequence[float] = DEFAULT_RIDGE_CANDIDATES,
+        source_fusion: SourceFusion = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
         if shot_augmentation not in get_args(ShotAugmentation):
             msg = f"shot_augmentation must be one of {get_args(ShotAugmentation)}, got {shot_augmentation!r}."
+            raise ValueError(msg)
+        if not 0.0 <= view_min_share <= 1.0:
+            msg = f"view_min_share must be in [0, 1], got {view_min_share}."
             raise ValueError(msg)
         if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int) or num_neighbors < 2:
             msg = f"num_neighbors must be an int >= 2 (a bank vertex's hyperedge holds itself), got {num_neighbors!r}."
@@ -167,6 +233,7 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         )
         self.num_neighbors = num_neighbors
         self.shot_augmentation = shot_augmentation
+        self.view_min_share = view_min_share
         self.chunk_size = chunk_size
         self.seed = seed
 
@@ -200,8 +267,17 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             top_fraction=top_fraction,
             sigma=sigma,
             enabled_cross_domain=use_cross_domain_scoring,
+            source_fusion=source_fusion,
         )
+        self.use_paired_shots = use_paired_shots
+        self.translation = SensorTranslation(translation_ridge)
         self.memory_bank = HypergraphMemoryBank(domains=(SOURCE, TARGET))
+        # Views of a shot in the target bank (indices into dihedral_views); all candidates until choose_shot_views.
+        self.register_buffer("shot_view_indices", torch.empty(0, dtype=torch.long))
+        self.shot_view_indices: torch.Tensor
+        # Whether the memory bank's source rows live in the target feature space (translated from paired shots).
+        self.register_buffer("source_bank_translated", torch.zeros((), dtype=torch.bool))
+        self.source_bank_translated: torch.Tensor
         # Derived search state per domain bank (plain objects, not in the state dict; rebuilt when a bank changes).
         self.search_backend = search_backend
         self._bank_indexes = {
@@ -239,9 +315,51 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         """Bank-ready patch descriptors (B*h*w, C) of images through the adapted, unperturbed backbone."""
         return flatten_patches(self.extract(images))
 
-    def shot_views(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Return the views of target shots that enter the target bank (see ``shot_augmentation``), shot first."""
+    def candidate_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Return every view of target shots that may enter the target bank (see ``shot_augmentation``), shot first."""
         return [images] if self.shot_augmentation == "none" else dihedral_views(images)
+
+    def shot_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Return the views of target shots that enter the target bank: the kept ones once chosen, else every one."""
+        views = self.candidate_views(images)
+        if self.shot_view_indices.numel() == 0:
+            return views
+        return [views[index] for index in self.shot_view_indices.tolist() if index < len(views)]
+
+    @torch.no_grad()
+    def choose_shot_views(self, probe_views: Sequence[torch.Tensor], held_out: torch.Tensor) -> ViewReport:
+        """Decide which views of the shots enter the target bank, from source images alone (``shot_augmentation``).
+
+        A view of a shot helps when the part's normal images really take that orientation, and hurts when they never
+        do (a rotated texture with a direction then looks like a defect and hides real ones). The source domain has
+        many normal images of the same parts, so it tells which: a few probe images are seen in every candidate view,
+        and every patch of other, held-out source images is matched to its nearest neighbour among all of them. A
+        view is kept when its share of those nearest neighbours is at least ``view_min_share`` times the share
+        ``1 / V`` each of the ``V`` views would get if the part looked the same in all of them; the shot as it is
+        (view 0) is always kept. ``"dihedral"`` and ``"none"`` keep every candidate view without looking; so does
+        ``"auto"`` when there is nothing to judge by (fewer than two images), and the report's shares are then empty.
+
+        Args:
+            probe_views: per candidate view ``v``, the patch rows of the probe images seen in view ``v``.
+            held_out: patch rows of held-out source images, as they are.
+
+        """
+        num_views = len(probe_views)
+        no_evidence = held_out.shape[0] == 0 or any(part.shape[0] == 0 for part in probe_views)
+        if self.shot_augmentation != "auto" or num_views <= 1 or no_evidence:
+            kept = list(range(num_views)) if self.shot_augmentation != "none" else [0]
+            self.shot_view_indices = torch.tensor(kept, dtype=torch.long, device=self.shot_view_indices.device)
+            return ViewReport(kept=kept, shares=[])
+        rows = torch.cat(list(probe_views))
+        view_of_row = torch.cat(
+            [torch.full((part.shape[0],), index, dtype=torch.long) for index, part in enumerate(probe_views)]
+        ).to(rows.device)
+        _, nearest = chunked_knn(held_out, rows, 1, chunk_size=self.chunk_size)
+        shares = torch.bincount(view_of_row[nearest[:, 0]], minlength=num_views).float() / held_out.shape[0]
+        threshold = self.view_min_share / num_views
+        kept = [0, *(index for index in range(1, num_views) if float(shares[index]) >= threshold)]
+        self.shot_view_indices = torch.tensor(kept, dtype=torch.long, device=self.shot_view_indices.device)
+        return ViewReport(kept=kept, shares=[round(float(share), 4) for share in shares])
 
     # ------------------------------------------------------------------------------------------------ stage 1
     def perturbation_loss(self, images: torch.Tensor) -> torch.Tensor:
@@ -307,24 +425,31 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
         iterations: int,
         lr: float,
         on_iteration: Callable[[int, float], None] | None = None,
+        pairs: PairedShots | None = None,
     ) -> BankReport:
         """Build the cross-domain hypergraph of the banks, run stage 2 (HDR) and store what inference needs.
 
-        The memory bank must hold the target bank (and the source bank for two domains). Steps (Algorithm 1): one
-        exact k-NN search over the joined banks (target rows first) gives every vertex's hyperedge; the kernel scale
-        is fitted on those distances; the source weight of Eq. 18-19 is set from how far the target shots lie from the
-        source bank; with HDR, pseudo features (Eq. 10) and ``iterations`` Adam steps on Eq. 11; finally every bank
-        vertex is rectified by the inference operator and stored with its hidden state and degree.
+        The memory bank must hold the target bank (and the source bank for two domains). With paired shots (and
+        ``use_paired_shots``), the source bank is first translated into the target feature space (:mod:`.sensor_map`)
+        and the units of the calibrated union are measured on held-out pairs (:meth:`translate_source_bank`). Steps
+        (Algorithm 1): one exact k-NN search over the joined banks (target rows first) gives every vertex's hyperedge;
+        the kernel scale is fitted on those distances; with HDR, pseudo features (Eq. 10) and ``iterations`` Adam
+        steps on Eq. 11; every bank vertex is rectified by the inference operator and stored with its hidden state and
+        degree; finally the fusion of the sub-hypergraphs (Eq. 18-19 weight, or the union's units) is fixed.
 
         Args:
             iterations: stage-2 iterations, epochsR (paper: 100).
             lr: Adam learning rate of the residual HGNN.
             on_iteration: called with ``(iteration, loss)`` after every stage-2 step.
+            pairs: the shots' patch rows with their source captures' rows, in every candidate view (or None).
 
         """
         if not self.memory_bank.has(TARGET):
             msg = "fit_banks needs a target bank: fill memory_bank's 'target' domain first."
             raise RuntimeError(msg)
+        translation, units = None, None
+        if pairs is not None and self.use_paired_shots and self.memory_bank.has(SOURCE):
+            translation, units = self.translate_source_bank(pairs)
         domains = [domain for domain in DOMAINS if self.memory_bank.has(domain)]
         banks = [self.memory_bank.get(domain) for domain in domains]
         features = torch.cat(banks)
@@ -369,7 +494,9 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             setattr(self, f"rectified_{domain}", features.new_empty(0, 0))
             setattr(self, f"hidden_{domain}", features.new_empty(0, 0))
             setattr(self, f"degree_{domain}", features.new_empty(0))
-        self.scorer.fit(self.cross_domain_connectivity())
+        fusion = self.scorer.fit(
+            self.cross_domain_connectivity(), translated_source=translation is not None, units=units
+        )
         return BankReport(
             target_rows=sizes[0],
             source_rows=sizes[1] if len(sizes) > 1 else 0,
@@ -377,7 +504,54 @@ class HyperTransModel(DynamicBufferMixin, nn.Module):
             source_weight=float(self.scorer.source_weight),
             fallback_share=fallback_share,
             losses=losses,
+            fusion=fusion,
+            translation=translation,
+            units=units if fusion == "union" else None,
         )
+
+    @torch.no_grad()
+    def translate_source_bank(self, pairs: PairedShots) -> tuple[TranslationReport, tuple[float, float]]:
+        """Translate the source bank into the target feature space and measure the units of the union (ours).
+
+        The map (:class:`~.sensor_map.SensorTranslation`) is fitted on every paired row, its strength chosen by
+        cross-validation over groups of pairs: the shots, or with a single shot its views. The same groups give the
+        units of the calibrated union (:class:`~.scoring.CrossDomainScorer`): each group of target rows (in the views
+        the target bank keeps) is held out in turn and matched against the rest of the target bank and against the
+        source bank translated by the map fitted without it; the units are the medians of those two sets of distances.
+        They are measured on the features as extracted (before HDR, which moves both banks by the same operator).
+        Without a second group the units are equal (a plain union).
+
+        Returns:
+            The translation report and the units ``(target, source)``.
+
+        """
+        if bool(self.source_bank_translated):
+            msg = "The source bank is already translated into the target feature space; refill the banks first."
+            raise RuntimeError(msg)
+        shots = torch.unique(pairs.shot)
+        groups = pairs.shot if len(shots) > 1 else pairs.view
+        report = self.translation.fit(pairs.source, pairs.target, groups)
+        source = self.memory_bank.get(SOURCE)
+        kept = (
+            torch.isin(pairs.view, self.shot_view_indices.to(pairs.view.device))
+            if self.shot_view_indices.numel()
+            else torch.ones_like(pairs.view, dtype=torch.bool)
+        )
+        target_distances, source_distances = [], []
+        for label, (weight, bias) in report.held_out_maps.items():
+            held_out, rest = kept & (groups == label), kept & (groups != label)
+            if not held_out.any() or not rest.any():
+                continue
+            queries = pairs.target[held_out]
+            target_distances.append(chunked_knn(queries, pairs.target[rest], 1, chunk_size=self.chunk_size)[0][:, 0])
+            translated = torch.addmm(bias.to(source.device), source, weight.to(source.device))
+            source_distances.append(chunked_knn(queries, translated, 1, chunk_size=self.chunk_size)[0][:, 0])
+        units = (1.0, 1.0)
+        if target_distances:
+            units = (float(torch.cat(target_distances).median()), float(torch.cat(source_distances).median()))
+        self.memory_bank.set(SOURCE, self.translation(source))
+        self.source_bank_translated = torch.ones((), dtype=torch.bool, device=self.source_bank_translated.device)
+        return report, units
 
     @torch.no_grad()
     def cross_domain_connectivity(self) -> float | None:
@@ -509,6 +683,25 @@ def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
         return [images, images.flip(-1), images.flip(-2), images.flip(-2, -1)]
     mirrored = images.flip(-1)
     return [torch.rot90(view, turns, dims=(-2, -1)) for view in (images, mirrored) for turns in range(4)]
+
+
+def image_key(path: str | Path) -> int:
+    """Stable 44-bit key of an image path (a SHA-1 prefix): the same on every rank, run and machine."""
+    return int(hashlib.sha1(str(path).encode()).hexdigest()[:11], 16)
+
+
+def view_probe_split(keys: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Positions of the probe images and of the held-out images for :meth:`HyperTransModel.choose_shot_views`.
+
+    The images are ordered by key (:func:`image_key`, a hash, so the order is an arbitrary but fixed sample): the first
+    :data:`VIEW_PROBE_IMAGES` are the probes, the next :data:`VIEW_HELD_OUT_IMAGES` are held out. With fewer than two
+    images there is nothing to hold out (both lists may be short or empty).
+    """
+    order = sorted(range(len(keys)), key=lambda position: keys[position])
+    if len(order) < 2:
+        return [], []
+    probes = min(VIEW_PROBE_IMAGES, len(order) - 1)
+    return order[:probes], order[probes : probes + VIEW_HELD_OUT_IMAGES]
 
 
 def flatten_patches(features: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,214 @@
+"""Paired shots: translating source-sensor patch features into the target sensor's feature space (ours).
+
+HyperTrans carries knowledge from a source domain with plenty of normal images to a target domain with k shots. When
+the two sensors see a part so differently that their features never meet (measured on every cross-domain set we have:
+Eq. 10 falls back for ~100 % of the vertices and moment alignment does not help), the source bank cannot judge a
+target patch as it is. A sensor upgrade usually has what is needed to bridge the gap: the first parts are captured by
+both sensors, pixel-aligned (MVTec 3D-AD: ``rgb/NNN.png`` and ``xyz/NNN.tiff`` of one sample). Those pairs give
+thousands of (source patch, target patch) feature pairs from which a map between the two feature spaces can be learnt,
+as in Crossmodal Feature Mapping (CFM, Costanzino et al., CVPR 2024), which learns per-patch maps between 2D and 3D
+features on normal pairs.
+
+Direction. Only the target sensor is seen at test time, so a map in either direction makes the source bank usable:
+target -> source (map every query patch, compare it with the source bank) or source -> target (map the source bank
+once, compare the query as it is). We translate the **source bank into the target space**: measured with ridge maps on
+MPDD metal plates and MVTec AD bottle behind our simulated sensor (``benchmarks/hypertrans_ablation.py``), it scored
+higher image AUROC at 1 and 2 shots than mapping the queries, it costs nothing per query (the translated bank is
+computed once and stored), and it puts both banks into one feature space, so the cross-domain hypergraph of HDR
+really connects the domains (Eq. 10 finds other-domain neighbours) and CDS compares distances in the same units.
+
+The map is a ridge regression with an unpenalised bias, fitted on the paired patch rows of the shots (in the views
+that enter the target bank). Its strength is chosen by grouped cross-validation over the pairs (leave one shot out;
+with one shot, leave one view out), so that it is decided from the training data alone, and stored with the map.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from anomalib.models.components.base import DynamicBufferMixin
+from torch import nn
+
+from anomalib_hypergraph.models.state import DefaultedState
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RIDGE_CANDIDATES: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclass
+class TranslationReport:
+    """How :meth:`SensorTranslation.fit` chose the map: candidate strengths and their cross-validated errors.
+
+    ``held_out_maps`` holds, per group label, the map fitted at the chosen strength without that group (weight and
+    bias), for estimates on held-out pairs; it is not printed.
+    """
+
+    ridge: float
+    candidates: tuple[float, ...]
+    validation_errors: tuple[float, ...]
+    pairs: int
+    groups: int
+    held_out_maps: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+
+class SensorTranslation(DefaultedState, DynamicBufferMixin, nn.Module):
+    """Ridge map from source-sensor patch features to target-sensor patch features, fitted on paired shots.
+
+    ``T(x) = x W + b`` with ``W = argmin ||Y - X W - b||^2 + lambda * m * ||W||^2``, where ``m`` is the mean
+    squared norm of the centred source rows per channel (so ``lambda`` does not depend on the backbone's feature
+    scale) and ``b`` is not penalised. ``lambda`` is chosen among ``ridge_candidates`` by grouped cross-validation
+    (mean squared error on held-out groups of pairs). Weight and bias are persistent buffers (``(0, 0)`` / ``(0,)``
+    before :meth:`fit`), so checkpoints and exported graphs hold the map.
+
+    Args:
+        ridge_candidates: relative ridge strengths to choose from (one value: no cross-validation).
+
+    """
+
+    defaulted_state = ("weight", "bias")  # checkpoints from before paired shots: no map
+
+    def __init__(self, ridge_candidates: Sequence[float] = DEFAULT_RIDGE_CANDIDATES) -> None:
+        super().__init__()
+        candidates = tuple(float(value) for value in ridge_candidates)
+        if not candidates or any(not value > 0 for value in candidates):
+            msg = f"ridge_candidates must be positive numbers, got {ridge_candidates!r}."
+            raise ValueError(msg)
+        self.ridge_candidates = candidates
+        self.register_buffer("weight", torch.empty(0, 0))
+        self.register_buffer("bias", torch.empty(0))
+        self.weight: torch.Tensor
+        self.bias: torch.Tensor
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether a map has been fitted (or loaded from a checkpoint)."""
+        return self.weight.numel() > 0
+
+    @torch.no_grad()
+    def fit(self, source: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> TranslationReport:
+        """Fit the map on paired rows and choose its strength by grouped cross-validation.
+
+        Args:
+            source: source-sensor patch features ``(n, C_s)``.
+            target: the pixel-aligned target-sensor patch features ``(n, C_t)`` (row ``i`` pairs row ``i``).
+            groups: ``(n,)`` integer group of every pair (e.g. the shot, or the view with one shot); each group is
+                held out once. With a single group, the strength is the middle candidate.
+
+        Raises:
+            ValueError: shapes do not match, or there are fewer pairs than channels plus one.
+
+        """
+        rows = source.shape[0]
+        if source.ndim != 2 or target.ndim != 2 or target.shape[0] != rows or groups.shape != (rows,):
+            msg = (
+                "SensorTranslation.fit needs source (n, C_s), target (n, C_t) and groups (n,) with the same n, got "
+                f"{tuple(source.shape)}, {tuple(target.shape)}, {tuple(groups.shape)}."
+            )
+            raise ValueError(msg)
+        if source.shape[0] <= source.shape[1]:
+            msg = f"SensorTranslation.fit needs more paired rows than channels, got {rows} for {source.shape[1]}."
+            raise ValueError(msg)
+        x, y = source.double(), target.double()
+        labels = torch.unique(groups)
+        # Sufficient statistics per group: the ridge solution of any union of groups follows from their sums.
+        stats = [_moments(x[groups == label], y[groups == label]) for label in labels]
+        total = _Moments.sum(stats)
+        errors: list[float] = []
+        if len(labels) > 1 and len(self.ridge_candidates) > 1:
+            for ridge in self.ridge_candidates:
+                squared_error = 0.0
+                for held_out in stats:
+                    weight, bias = total.minus(held_out).solve(ridge)
+                    squared_error += held_out.squared_error(weight, bias)
+                errors.append(squared_error / (x.shape[0] * y.shape[1]))
+            chosen = self.ridge_candidates[min(range(len(errors)), key=errors.__getitem__)]
+        else:
+            chosen = self.ridge_candidates[len(self.ridge_candidates) // 2]
+        weight, bias = total.solve(chosen)
+        self.weight = weight.to(source.dtype).to(source.device)
+        self.bias = bias.to(source.dtype).to(source.device)
+        held_out_maps = {}
+        if len(labels) > 1:
+            for label, held_out in zip(labels.tolist(), stats, strict=True):
+                part_weight, part_bias = total.minus(held_out).solve(chosen)
+                held_out_maps[int(label)] = (part_weight.to(source.dtype), part_bias.to(source.dtype))
+        return TranslationReport(
+            ridge=chosen,
+            candidates=self.ridge_candidates,
+            validation_errors=tuple(errors),
+            pairs=int(x.shape[0]),
+            groups=len(labels),
+            held_out_maps=held_out_maps,
+        )
+
+    def forward(self, source: torch.Tensor) -> torch.Tensor:
+        """Translate source-sensor rows ``(n, C_s)`` into the target sensor's feature space ``(n, C_t)``."""
+        if not self.is_fitted:
+            msg = "SensorTranslation has no map yet: fit it on paired shots first."
+            raise RuntimeError(msg)
+        return torch.addmm(self.bias.to(source.dtype), source, self.weight.to(source.dtype))
+
+
+@dataclass
+class _Moments:
+    """Sums over a set of pairs: count, sum of x and y, x^T x, x^T y, and the sum of squared y."""
+
+    count: float
+    sum_x: torch.Tensor
+    sum_y: torch.Tensor
+    xx: torch.Tensor
+    xy: torch.Tensor
+    yy: float
+
+    @staticmethod
+    def sum(parts: Sequence[_Moments]) -> _Moments:
+        return _Moments(
+            count=sum(part.count for part in parts),
+            sum_x=sum(part.sum_x for part in parts),
+            sum_y=sum(part.sum_y for part in parts),
+            xx=sum(part.xx for part in parts),
+            xy=sum(part.xy for part in parts),
+            yy=sum(part.yy for part in parts),
+        )
+
+    def minus(self, other: _Moments) -> _Moments:
+        return _Moments(
+            count=self.count - other.count,
+            sum_x=self.sum_x - other.sum_x,
+            sum_y=self.sum_y - other.sum_y,
+            xx=self.xx - other.xx,
+            xy=self.xy - other.xy,
+            yy=self.yy - other.yy,
+        )
+
+    def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ridge weight and unpenalised bias from the centred moments."""
+        mean_x, mean_y = self.sum_x / self.count, self.sum_y / self.count
+        centred_xx = self.xx - self.count * torch.outer(mean_x, mean_x)
+        centred_xy = self.xy - self.count * torch.outer(mean_x, mean_y)
+        penalty = ridge * centred_xx.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+        system = centred_xx + penalty * torch.eye(centred_xx.shape[0], dtype=centred_xx.dtype)
+        weight = torch.linalg.solve(system, centred_xy)
+        return weight, mean_y - mean_x @ weight
+
+    def squared_error(self, weight: torch.Tensor, bias: torch.Tensor) -> float:
+        """Sum of ``||y - x W - b||^2`` over the pairs, from the moments alone."""
+        prediction_energy = (weight * (self.xx @ weight)).sum() + 2 * (self.sum_x @ weight) @ bias
+        prediction_energy = prediction_energy + self.count * bias @ bias
+        cross = (weight * self.xy).sum() + self.sum_y @ bias
+        return float(self.yy - 2 * cross + prediction_energy)
+
+
+def _moments(x: torch.Tensor, y: torch.Tensor) -> _Moments:
+    return _Moments(
+        count=float(x.shape[0]),
+        sum_x=x.sum(dim=0),
+        sum_y=y.sum(dim=0),
+        xx=x.T @ x,
+        xy=x.T @ y,
+        yy=float(y.square().sum()),
+    )

@@ -1,0 +1,159 @@
+"""Paired shots (ours): the source-to-target translation, the calibrated union and the choice of shot views."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anomalib_hypergraph.hypergraph import IncidenceKernel, chunked_knn
+from anomalib_hypergraph.models.hypertrans.scoring import CrossDomainScorer
+from anomalib_hypergraph.models.hypertrans.sensor_map import SensorTranslation
+from anomalib_hypergraph.models.hypertrans.torch_model import (
+    VIEW_HELD_OUT_IMAGES,
+    VIEW_PROBE_IMAGES,
+    HyperTransModel,
+    PairedShots,
+    view_probe_split,
+)
+
+
+def linear_pairs(rows: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    source = torch.randn(rows, 12, generator=generator)
+    weight, bias = torch.randn(12, 6, generator=generator), torch.randn(6, generator=generator)
+    target = source @ weight + bias + noise * torch.randn(rows, 6, generator=generator)
+    return source, target, weight, bias
+
+
+def test_translation_recovers_a_linear_sensor_and_prefers_weak_ridge_on_clean_pairs() -> None:
+    source, target, weight, bias = linear_pairs(600, noise=0.01, seed=0)
+    translation = SensorTranslation()
+    report = translation.fit(source, target, torch.arange(600) % 4)
+    assert report.ridge == min(report.candidates)
+    assert report.validation_errors == tuple(sorted(report.validation_errors))  # error grows with the ridge here
+    torch.testing.assert_close(translation.weight, weight, atol=5e-3, rtol=0)
+    torch.testing.assert_close(translation.bias, bias, atol=5e-3, rtol=0)
+    torch.testing.assert_close(translation(source[:5]), source[:5] @ weight + bias, atol=0.02, rtol=0)
+
+
+def test_translation_chooses_a_stronger_ridge_when_few_noisy_pairs_overfit() -> None:
+    source, target, _, _ = linear_pairs(40, noise=3.0, seed=1)
+    report = SensorTranslation().fit(source, target, torch.arange(40) % 4)
+    assert report.ridge > min(report.candidates)
+
+
+def test_held_out_maps_are_the_fits_without_each_group() -> None:
+    source, target, _, _ = linear_pairs(300, noise=0.5, seed=2)
+    groups = torch.arange(300) % 3
+    report = SensorTranslation().fit(source, target, groups)
+    for label in range(3):
+        alone = SensorTranslation(ridge_candidates=(report.ridge,))
+        alone.fit(source[groups != label], target[groups != label], torch.zeros(int((groups != label).sum())))
+        weight, bias = report.held_out_maps[label]
+        torch.testing.assert_close(weight, alone.weight, atol=1e-5, rtol=0)
+        torch.testing.assert_close(bias, alone.bias, atol=1e-5, rtol=0)
+
+
+def test_translation_refuses_bad_input_and_unfitted_use() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        SensorTranslation(ridge_candidates=(0.1, 0.0))
+    with pytest.raises(ValueError, match="same n"):
+        SensorTranslation().fit(torch.zeros(10, 3), torch.zeros(9, 3), torch.zeros(10))
+    with pytest.raises(ValueError, match="more paired rows than channels"):
+        SensorTranslation().fit(torch.zeros(3, 3), torch.zeros(3, 3), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="fit it on paired shots"):
+        SensorTranslation()(torch.zeros(2, 3))
+
+
+def test_calibrated_union_takes_the_best_explaining_sub_hypergraph_in_its_own_unit() -> None:
+    kernel = IncidenceKernel("reciprocal")
+    kernel.fit(torch.full((4,), 2.0))
+    scorer = CrossDomainScorer(sigma=1.0, image_score="max")
+    assert scorer.fit(0.0, translated_source=True, units=(1.0, 4.0)) == "union"
+    target = torch.tensor([[[1.0, 3.0], [2.0, 8.0]]])
+    source = torch.tensor([[[8.0, 4.0], [4.0, 8.0]]])
+    _, patch_map = scorer.patch_maps(target, source, kernel)
+    relative = torch.minimum(target / 1.0, source / 4.0)  # 1 - max(H^t, H^s), distances in held-out units
+    torch.testing.assert_close(patch_map[:, 0], relative / (1 + relative))
+    # The same distances fused by Eq. 18-19 (untranslated source) give another map.
+    assert scorer.fit(0.0, translated_source=False, units=None) == "weighted"
+    _, weighted = scorer.patch_maps(target, source, kernel)
+    torch.testing.assert_close(weighted[:, 0], kernel.defect(target))  # evidence 0: the source has no weight
+
+
+def test_union_needs_units_and_forced_fusions_apply() -> None:
+    with pytest.raises(ValueError, match="needs their units"):
+        CrossDomainScorer(source_fusion="union").fit(0.5, translated_source=False, units=None)
+    assert CrossDomainScorer(source_fusion="weighted").fit(0.5, translated_source=True, units=(1.0, 1.0)) == "weighted"
+    assert CrossDomainScorer().fit(None, translated_source=True, units=(1.0, 1.0)) == "target only"
+    with pytest.raises(ValueError, match="source_fusion"):
+        CrossDomainScorer(source_fusion="maximum")
+
+
+def views_model(augmentation: str, min_share: float = 0.25) -> HyperTransModel:
+    return HyperTransModel(
+        backbone="vit_tiny_patch16_224",
+        pretrained=False,
+        model_kwargs={"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 16, "num_heads": 2},
+        shot_augmentation=augmentation,
+        view_min_share=min_share,
+        chunk_size=64,
+    )
+
+
+def test_views_that_explain_held_out_images_are_kept_and_the_others_dropped() -> None:
+    generator = torch.Generator().manual_seed(0)
+    normal = torch.randn(64, 16, generator=generator)  # what held-out normal patches look like
+    probe_views = [normal + 0.01 * torch.randn(64, 16, generator=generator) for _ in range(3)]
+    probe_views += [normal + 10.0 + torch.randn(64, 16, generator=generator) for _ in range(5)]  # never seen
+    held_out = normal + 0.05 * torch.randn(64, 16, generator=generator)
+    model = views_model("auto")
+    report = model.choose_shot_views(probe_views, held_out)
+    assert report.kept == [0, 1, 2]
+    assert sum(report.shares[3:]) == 0
+    assert model.shot_view_indices.tolist() == [0, 1, 2]
+    images = torch.rand(1, 3, 32, 32)
+    assert len(model.shot_views(images)) == 3
+    assert torch.equal(model.shot_views(images)[0], images)
+    assert views_model("dihedral").choose_shot_views(probe_views, held_out).kept == list(range(8))
+    assert views_model("none").choose_shot_views(probe_views, held_out).kept == [0]
+    assert views_model("auto", min_share=0.0).choose_shot_views(probe_views, held_out).kept == list(range(8))
+
+
+def test_view_probe_split_orders_by_key_and_holds_images_out() -> None:
+    keys = [50, 10, 40, 30, 20, 60, 70]
+    probes, held_out = view_probe_split(keys)
+    assert [keys[p] for p in probes] == [10, 20, 30, 40][:VIEW_PROBE_IMAGES]
+    assert [keys[p] for p in held_out] == [50, 60, 70][:VIEW_HELD_OUT_IMAGES]
+    assert view_probe_split([5]) == ([], [])
+
+
+def test_paired_shots_translate_the_source_bank_and_set_the_union_units() -> None:
+    generator = torch.Generator().manual_seed(3)
+    model = views_model("dihedral")
+    channels = model.feature_extractor.feature_dim
+    sensor = torch.randn(channels, channels, generator=generator) / channels**0.5
+    shots_source = torch.randn(2 * 4 * 16, channels, generator=generator)
+    # As in a sensor upgrade, the paired captures are source images too.
+    source_rows = torch.cat([torch.randn(400, channels, generator=generator), shots_source])
+    pairs = PairedShots(
+        source=shots_source,
+        target=shots_source @ sensor + 0.01 * torch.randn(shots_source.shape, generator=generator),
+        shot=torch.arange(2).repeat_interleave(64),
+        view=torch.arange(4).repeat_interleave(16).repeat(2),
+    )
+    model.memory_bank.set("source", source_rows)
+    model.memory_bank.set("target", pairs.target)
+    model.rectifier = None  # the translation alone
+    report = model.fit_banks(iterations=0, lr=1e-3, pairs=pairs)
+    assert report.translation is not None
+    assert report.fusion == "union"
+    assert report.units is not None and all(unit > 0 for unit in report.units)
+    torch.testing.assert_close(model.memory_bank.get("source"), source_rows @ sensor, atol=0.05, rtol=0)
+    assert bool(model.source_bank_translated)
+    # The translated bank now meets the target shots: each finds its own pair, unlike before.
+    before = chunked_knn(pairs.target, source_rows, 1)[0].mean()
+    after = chunked_knn(pairs.target, model.memory_bank.get("source"), 1)[0].mean()
+    assert after < 0.1 * before
+    with pytest.raises(RuntimeError, match="already translated"):
+        model.translate_source_bank(pairs)
