@@ -121,18 +121,26 @@ def load_state(directory: Path, name: str) -> dict[str, torch.Tensor]:
     return torch.load(directory / name, weights_only=True)
 
 
-def assert_states_close(actual: dict, expected: dict, atol: float) -> None:
+# Lightning's DistributedSampler pads the odd validation set by repeating one image, whose pixels then count twice
+# in the pixel-level F1 curve: the adaptive pixel threshold of a DDP run legitimately differs from one process's
+# whenever that image's pixels straddle the threshold (banks, image statistics and test scores stay equal).
+PADDING_DEPENDENT = ("post_processor._pixel_threshold",)
+
+
+def assert_states_close(actual: dict, expected: dict, atol: float, skip: tuple[str, ...] = ()) -> None:
     assert actual.keys() == expected.keys()
     for key, value in expected.items():
         assert actual[key].shape == value.shape, key
-        torch.testing.assert_close(actual[key], value, atol=atol, rtol=0, msg=key)
+        if key not in skip:
+            torch.testing.assert_close(actual[key], value, atol=atol, rtol=0, msg=key)
 
 
 def test_ddp_builds_the_single_process_banks_and_scores(runs: dict[str, Path]) -> None:
     expected = load_state(runs["single"], "equal_state_rank0.pt")
     assert expected["model.memory_bank.target_bank"].shape[0] == 8 * 64  # 1 shot x 8 views x 8 x 8 patches, no padding
     for rank in range(WORLD_SIZE):
-        assert_states_close(load_state(runs["ddp"], f"equal_state_rank{rank}.pt"), expected, atol=1e-5)
+        state = load_state(runs["ddp"], f"equal_state_rank{rank}.pt")
+        assert_states_close(state, expected, atol=1e-5, skip=PADDING_DEPENDENT)
     expected_scores = json.loads((runs["single"] / "equal_scores_rank0.json").read_text())
     scores: dict[str, float] = {}
     for rank in range(WORLD_SIZE):  # each rank tested its shard (one image padded twice)
