@@ -169,16 +169,18 @@ class CrossDomainDataModule(FewShot):
             normal_positions(self.datamodule.train_data)
         ]
         source_paths = self.source_train_data.samples["image_path"].astype(str).tolist()
-        positions = pair_positions(
-            self.shots,
-            common_folder(target_normals.astype(str).tolist()),
-            source_paths,
-            common_folder(source_paths),
-        )
+        target_folder, source_folder = common_folder(target_normals.astype(str).tolist()), common_folder(source_paths)
+        positions = pair_positions(self.shots, target_folder, source_paths, source_folder)
+        # anomalib datasets keep their samples sorted by path; below a common folder that is the order of the
+        # relative paths, the same for the shots and their captures, so the two unshuffled loaders stay in step.
         paired = self.source_train_data.subsample(positions)
-        # subsample keeps the dataset's own (path) order; restore the order of the shots.
-        order = {path: row for row, path in enumerate(paired.samples["image_path"].astype(str))}
-        paired = paired.subsample([order[source_paths[position]] for position in positions])
+        paired_paths = paired.samples["image_path"].astype(str).tolist()
+        if relative_keys(paired_paths, source_folder) != relative_keys(self.shots, target_folder):
+            msg = (
+                "pair_shots=True: the source captures cannot be put in the order of the target shots "
+                f"({self.shots} vs {paired_paths})."
+            )
+            raise RuntimeError(msg)
         if self.datamodule.train_augmentations is not None or self.source_augmentations is not None:
             logger.warning(
                 "pair_shots=True with training augmentations: the paired shots and their source captures are read "

@@ -55,6 +55,7 @@ from anomalib_hypergraph.models.smoothing import check_blur_fits
 from .sensor_map import DEFAULT_RIDGE_CANDIDATES
 from .torch_model import (
     VIEW_PROBE_IMAGES,
+    BankReport,
     HyperTransModel,
     PairedShots,
     flatten_patches,
@@ -569,7 +570,7 @@ def probe_key_limit(loaders: object) -> int:
     return int(min(1.0, 3 * VIEW_PROBE_IMAGES / max(count, 1)) * 2**IMAGE_KEY_BITS)
 
 
-def _describe_fusion(report: object) -> str:
+def _describe_fusion(report: BankReport) -> str:
     """Describe the fusion of a :class:`~.torch_model.BankReport` in words, for the log."""
     if report.fusion == "union":
         target_unit, source_unit = report.units

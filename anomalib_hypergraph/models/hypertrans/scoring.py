@@ -183,7 +183,8 @@ class CrossDomainScorer(DefaultedState, nn.Module):
         weight = self.source_weight.to(target_map.dtype)
         image_score = weight * source_score + (1 - weight) * target_score  # Eq. 18
         anomaly_map = weight * source_map + (1 - weight) * target_map  # Eq. 19
-        # Calibrated union (ours, translated source bank): 1 - max(H^s, H^t), each distance in its held-out unit.
+        # Calibrated union (ours, translated source bank): 1 - max(H^s, H^t), each distance in its held-out unit
+        # (kernel.defect divides by the kernel scale, so the distances are rescaled by scale / unit).
         units = self.units.to(target_distance.dtype) / kernel.scale.to(target_distance.dtype)
         union_map = kernel.defect(torch.minimum(target_distance / units[0], source_distance / units[1]))[:, None]
         union = self.union_fusion.to(target_map.dtype)  # a 0/1 buffer: blended, so exported graphs need no branch
