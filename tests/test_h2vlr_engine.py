@@ -215,6 +215,17 @@ def test_checkpoint_of_another_model_is_refused() -> None:
         model.on_load_checkpoint({"state_dict": patchcore.state_dict(), "hyper_parameters": {}})
 
 
+def test_an_input_size_too_small_for_the_blur_is_refused_at_construction() -> None:
+    """A 16 px CLIP gives 16 px maps; sigma 4 blurs with a 33-pixel kernel whose reflected border needs 17 px."""
+    vision = {**TINY_CLIP_CONFIG["vision_cfg"], "image_size": 16, "patch_size": 4}  # 4 x 4 patches
+    small_clip = {**TINY_CLIP_CONFIG, "vision_cfg": vision}
+    kwargs = {**TINY_MODEL_KWARGS, "backbone": f"{TINY_CLIP}-16px", "backbone_config": small_clip}
+    with pytest.raises(ValueError, match=r"image_size \(16, 16\) is too small .* sigma=4.0 .* 33-pixel kernel"):
+        H2VLR(visualizer=False, **kwargs)
+    model = H2VLR(visualizer=False, sigma=1.0, **kwargs)  # a 9-pixel kernel fits
+    assert model.model.blur(torch.rand(1, 1, 16, 16)).shape == (1, 1, 16, 16)
+
+
 def test_get_model_resolves_the_short_name() -> None:
     assert isinstance(get_model("H2VLR", **TINY_MODEL_KWARGS), H2VLR)
 

@@ -53,6 +53,7 @@ from anomalib_hypergraph.data.domains import TARGET, CrossDomainPreProcessor
 from anomalib_hypergraph.data.few_shot import ShotSelection, normal_positions
 from anomalib_hypergraph.models.checkpoints import CheckpointGuard, CheckpointSpec
 from anomalib_hypergraph.models.run_guard import RunGuard
+from anomalib_hypergraph.models.smoothing import check_blur_fits
 
 from .options import (
     PROMPT_GROUPS,
@@ -245,6 +246,7 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        check_blur_fits(options.sigma, self.input_size)  # before the backbone is built
         self.options = options
         self.model = H2VLRModel(options)
         self.synthesizer = SupportAnomalySynthesizer(anomalies_per_shot, anomaly_source_path, seed=seed)
