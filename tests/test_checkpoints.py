@@ -119,6 +119,22 @@ def test_checkpoint_holding_the_older_2d_blur_kernel_still_loads(checkpoint: dic
     assert torch.equal(model.model.rectified_target, saved["state_dict"]["model.rectified_target"])
 
 
+def test_checkpoint_saved_without_a_post_processor_loads_without_one(checkpoint: dict, tmp_path: Path) -> None:
+    """A model built with post_processor=False saves no post-processor state, and anomalib does not store the flag."""
+    saved = torch.load(checkpoint["path"], map_location="cpu", weights_only=False)
+    saved["state_dict"] = {k: v for k, v in saved["state_dict"].items() if not k.startswith("post_processor.")}
+    path = tmp_path / "raw_scores.ckpt"
+    torch.save(saved, path)
+    raw = HyperTrans.load_from_checkpoint(path)
+    assert raw.post_processor is None
+    post_processed = HyperTrans.load_from_checkpoint(checkpoint["path"])
+    assert post_processed.post_processor is not None  # a checkpoint with its post-processor state keeps it
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(raw.eval().model(images).pred_score, post_processed.eval().model(images).pred_score)
+    with pytest.raises(ValueError, match=r"post_processor\._image_threshold"):  # asked for one: nothing to load it from
+        HyperTrans.load_from_checkpoint(path, post_processor=True)
+
+
 def test_inert_options_are_not_warned_about(checkpoint: dict, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger=LOGGER):
         HyperTrans.load_from_checkpoint(checkpoint["path"], epochs_rectification=50, chunk_size=64, seed=3)

@@ -517,6 +517,9 @@ class CheckpointGuard:
         The file is first read without its tensors: another model's checkpoint is refused before the model is built
         from its options (which could try to download or build another backbone).
 
+        A checkpoint without post-processor state was saved with ``post_processor=False`` (an argument anomalib does
+        not store) and is loaded that way, raw scores as they were saved, unless ``post_processor`` is given.
+
         Raises:
             CheckpointFileError: the file is empty, truncated or not a torch checkpoint.
             CheckpointMismatchError: see :func:`check_checkpoint`.
@@ -525,8 +528,12 @@ class CheckpointGuard:
         contents = read_checkpoint(checkpoint_path, cls.checkpoint_safe_globals())
         stored = None
         if contents is not None:
-            check_written_by(contents, cls.checkpoint_spec)
+            state_dict = check_written_by(contents, cls.checkpoint_spec)
             stored = stored_hparams_of(contents) if hparams_file is None else None
+            if "post_processor" not in kwargs and not any(key.startswith("post_processor.") for key in state_dict):
+                # Saved with post_processor=False: anomalib does not store that argument, and the default
+                # post-processor's thresholds and normalisation bounds would be missing from the state dict.
+                kwargs["post_processor"] = False
         del contents
         given = _GIVEN_OPTIONS.get()
         if given is not None and stored is not None:
