@@ -90,6 +90,7 @@ class Pipeline:
     views: str = "auto"  # shot_augmentation
     source: bool = True  # source images at all (else a single-domain run on the shots)
     pairs: bool = True  # paired shots given to fit_banks
+    rectify_translated: bool = False  # rectify_translated_source: HDR also on the translated source bank
 
 
 PIPELINES = {
@@ -100,6 +101,7 @@ PIPELINES = {
     "no_views": Pipeline(views="none"),
     "no_dp": Pipeline(dp=False),
     "no_hdr": Pipeline(hdr=False),
+    "hdr_translated": Pipeline(rectify_translated=True),
     "paper": Pipeline(views="none", pairs=False),
 }
 ABLATIONS = {
@@ -120,6 +122,7 @@ ROWS = {
     "  - union (Eq. 18-19 evidence weight)": ("default", {"source_fusion": "weighted"}),
     "  - DP": ("no_dp", {}),
     "  - HDR": ("no_hdr", {}),
+    "  + HDR on the translated source bank": ("hdr_translated", {}),
     "HyperTrans paper config": ("paper", {"domain_weighting": "fixed", "image_score": "max"}),
 }
 PROBE_ROW = "probe: ridge target->source, max-pooled (the floor)"
@@ -244,6 +247,7 @@ def hypertrans_model(pipeline: Pipeline, seed: int) -> HyperTransModel:
         pretrained=True,
         use_domain_perturbation=pipeline.dp,
         use_rectification=pipeline.hdr,
+        rectify_translated_source=pipeline.rectify_translated,
         shot_augmentation=pipeline.views,
         seed=seed,
     )

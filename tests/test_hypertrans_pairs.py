@@ -90,7 +90,7 @@ def test_union_needs_units_and_forced_fusions_apply() -> None:
         CrossDomainScorer(source_fusion="maximum")
 
 
-def views_model(augmentation: str, min_share: float = 0.25) -> HyperTransModel:
+def views_model(augmentation: str, min_share: float = 0.25, **options: object) -> HyperTransModel:
     return HyperTransModel(
         backbone="vit_tiny_patch16_224",
         pretrained=False,
@@ -98,6 +98,7 @@ def views_model(augmentation: str, min_share: float = 0.25) -> HyperTransModel:
         shot_augmentation=augmentation,
         view_min_share=min_share,
         chunk_size=64,
+        **options,
     )
 
 
@@ -157,3 +158,35 @@ def test_paired_shots_translate_the_source_bank_and_set_the_union_units() -> Non
     assert after < 0.1 * before
     with pytest.raises(RuntimeError, match="already translated"):
         model.translate_source_bank(pairs)
+
+
+@pytest.mark.parametrize(
+    ("paired", "rectify_translated_source", "rectified"),
+    [(True, False, False), (True, True, True), (False, False, True)],
+    ids=["pairs: translation, no HDR", "pairs: HDR on request", "no pairs: HDR as in the paper"],
+)
+def test_hdr_runs_on_a_translated_source_bank_only_on_request(
+    paired: bool, rectify_translated_source: bool, rectified: bool
+) -> None:
+    generator = torch.Generator().manual_seed(5)
+    model = views_model("none", rectify_translated_source=rectify_translated_source)
+    channels = model.feature_extractor.feature_dim
+    shots_source = torch.randn(2 * 16, channels, generator=generator)
+    pairs = PairedShots(
+        source=shots_source,
+        target=shots_source.flip(1) + 0.01 * torch.randn(shots_source.shape, generator=generator),
+        shot=torch.arange(2).repeat_interleave(16),
+        view=torch.zeros(32, dtype=torch.long),
+    )
+    model.memory_bank.set("source", torch.cat([torch.randn(200, channels, generator=generator), shots_source]))
+    model.memory_bank.set("target", pairs.target)
+    report = model.fit_banks(iterations=3, lr=1e-3, pairs=pairs if paired else None)
+    assert (report.translation is not None) == paired
+    assert (len(report.losses) == 3) == rectified
+    assert (report.fallback_share == report.fallback_share) == rectified  # NaN without HDR
+    assert (model.hidden_target.shape[-1] > 0) == rectified  # what inference rectifies queries with
+    if not rectified:  # the stored banks are the (translated) banks themselves, and queries are matched on them
+        torch.testing.assert_close(model.rectified_source, model.memory_bank.get("source"))
+        queries = torch.randn(10, channels, generator=generator)
+        nearest = model.nearest_distances(queries)
+        torch.testing.assert_close(nearest["source"], chunked_knn(queries, model.memory_bank.get("source"), 1)[0][:, 0])

@@ -106,6 +106,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "view_min_share",  # chooses the shot views at fit time (the banks hold the result)
             "use_paired_shots",  # translates the source bank at fit time (the banks hold the result)
             "translation_ridge",
+            "rectify_translated_source",  # decides at fit time whether the stored banks are rectified
             "source_fusion",  # sets the fusion buffers the checkpoint holds
             "domain_weighting",  # sets the source weight, a buffer the checkpoint holds
         }
@@ -158,6 +159,8 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         use_paired_shots: when the datamodule pairs each shot with its source-sensor capture (``pair_shots``), learn a
             map from source to target features on the pairs and translate the source bank with it (ours).
         translation_ridge: relative ridge strengths the map chooses from by cross-validation over the shots (or views).
+        rectify_translated_source: run HDR also on a translated source bank (default ``False``, ours: the translation,
+            fitted on the pairs themselves, replaces the rectification; without pairs HDR runs as in the paper).
         source_fusion: ``"auto"`` (default): a translated source bank joins the target bank as a calibrated union (the
             sub-hypergraph that explains a patch best, distances in held-out units fitted on the shots), an untranslated
             one through Eq. 18-19 (``domain_weighting``); ``"union"`` or ``"weighted"`` force one.
@@ -208,6 +211,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         use_cross_domain_scoring: bool = True,
         use_paired_shots: bool = True,
         translation_ridge: Sequence[float] = DEFAULT_RIDGE_CANDIDATES,
+        rectify_translated_source: bool = False,
         source_fusion: str = "auto",
         seed: int = 0,
         model_kwargs: dict[str, Any] | None = None,
@@ -266,6 +270,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             use_cross_domain_scoring=use_cross_domain_scoring,
             use_paired_shots=use_paired_shots,
             translation_ridge=translation_ridge,
+            rectify_translated_source=rectify_translated_source,
             source_fusion=source_fusion,
             seed=seed,
         )
@@ -458,11 +463,14 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         if report.translation is not None:
             logger.info(
                 "HyperTrans paired shots: %d patch pairs in %d groups; the source bank is translated into the target "
-                "feature space (ridge %.0e chosen from %s by cross-validation).",
+                "feature space (ridge %.0e chosen from %s by cross-validation); %s.",
                 report.translation.pairs,
                 report.translation.groups,
                 report.translation.ridge,
                 list(report.translation.candidates),
+                "HDR rectifies the translated banks"
+                if report.losses
+                else "HDR left out (rectify_translated_source=False or use_rectification=False)",
             )
         logger.info(
             "HyperTrans banks: %d target patches, %d source patches (coreset); kernel scale %.4g; fusion of the "

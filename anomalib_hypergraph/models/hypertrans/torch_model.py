@@ -171,6 +171,10 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         use_paired_shots: when the shots come with pixel-aligned source captures (:class:`PairedShots`), translate the
             source bank into the target feature space (:mod:`.sensor_map`); ``False`` ignores the pairs.
         translation_ridge: relative ridge strengths the translation chooses from by grouped cross-validation.
+        rectify_translated_source: whether HDR (Eq. 8-11) also runs once the source bank is translated from paired
+            shots. Off by default (ours): the translated bank already lives in the target feature space, fitted on the
+            very pairs Eq. 10 would approximate, and HDR's pull of each bank towards the other domain's partners then
+            blurs the defects the translation keeps apart. Without pairs HDR runs as in the paper.
         source_fusion: how the source sub-hypergraph joins the target one: ``"auto"`` (the calibrated union for a
             translated source bank, Eq. 18-19 weighting otherwise), ``"union"`` or ``"weighted"``
             (:class:`~.scoring.CrossDomainScorer`).
@@ -211,6 +215,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         use_cross_domain_scoring: bool = True,
         use_paired_shots: bool = True,
         translation_ridge: Sequence[float] = DEFAULT_RIDGE_CANDIDATES,
+        rectify_translated_source: bool = False,
         source_fusion: SourceFusion = "auto",
         seed: int = 0,
     ) -> None:
@@ -270,6 +275,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             source_fusion=source_fusion,
         )
         self.use_paired_shots = use_paired_shots
+        self.rectify_translated_source = rectify_translated_source
         self.translation = SensorTranslation(translation_ridge)
         self.memory_bank = HypergraphMemoryBank(domains=(SOURCE, TARGET))
         # Views of a shot in the target bank (indices into dihedral_views); all candidates until choose_shot_views.
@@ -433,9 +439,10 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         ``use_paired_shots``), the source bank is first translated into the target feature space (:mod:`.sensor_map`)
         and the units of the calibrated union are measured on held-out pairs (:meth:`translate_source_bank`). Steps
         (Algorithm 1): one exact k-NN search over the joined banks (target rows first) gives every vertex's hyperedge;
-        the kernel scale is fitted on those distances; with HDR, pseudo features (Eq. 10) and ``iterations`` Adam
-        steps on Eq. 11; every bank vertex is rectified by the inference operator and stored with its hidden state and
-        degree; finally the fusion of the sub-hypergraphs (Eq. 18-19 weight, or the union's units) is fixed.
+        the kernel scale is fitted on those distances; with HDR (on a translated source bank only with
+        ``rectify_translated_source``), pseudo features (Eq. 10) and ``iterations`` Adam steps on Eq. 11; every bank
+        vertex is rectified by the inference operator and stored with its hidden state and degree; finally the fusion
+        of the sub-hypergraphs (Eq. 18-19 weight, or the union's units) is fixed.
 
         Args:
             iterations: stage-2 iterations, epochsR (paper: 100).
@@ -464,7 +471,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
 
         losses: list[float] = []
         fallback_share = float("nan")
-        if self.rectification_possible:
+        if self.rectification_possible and (translation is None or self.rectify_translated_source):
             assert self.rectifier is not None
             domain = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
             domain[: sizes[0]] = 1  # target rows first
