@@ -533,6 +533,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--synthetic-root", type=Path, default=Path("datasets/hypergraph_synthetic_subtle"))
     parser.add_argument("--defect-scale", type=float, default=0.5, help="synthetic: size and depth of the defects")
     parser.add_argument("--categories", nargs="*", default=None, help="synthetic categories (default: all four)")
+    parser.add_argument(
+        "--synthetic-test-images",
+        type=int,
+        default=12,
+        help="synthetic: good and defective test images per category (each; a quarter of the defects are colour-only)",
+    )
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 5])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs-perturbation", type=int, default=3)
@@ -563,7 +569,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             source_images = args.source_images or (60 if dataset == "bottle" else None)
             splits = [sensor_shift_split(dataset, source_images)]
         else:
-            root = generate_synthetic_mvtec3d(args.synthetic_root, defect_scale=args.defect_scale, seed=0)
+            root = generate_synthetic_mvtec3d(
+                args.synthetic_root,
+                num_test_good=args.synthetic_test_images,
+                num_test_defect=args.synthetic_test_images,
+                defect_scale=args.defect_scale,
+                seed=0,
+            )
             splits = [synthetic_split(root, category) for category in (args.categories or SYNTHETIC_CATEGORIES)]
         results: dict[tuple[str, int], list[dict[str, float]]] = defaultdict(list)
         extras: dict[tuple[str, str], list] = defaultdict(list)
