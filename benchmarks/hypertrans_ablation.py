@@ -11,7 +11,8 @@ Three data sets (REFERENCES 1; each seeded end to end), all with headroom for a 
   plates, shots from the transformed train plates (paired with their RGB images), test = the 111 test plates.
 - ``synthetic``: the built-in synthetic MVTec 3D-AD-style data (all four categories), made harder with small, shallow
   defects (``--defect-scale``, default 0.5). Source = RGB train images, target = depth rendered from the XYZ point
-  clouds (shots from the train split, each paired with the same sample's RGB image), test = depth of the test split.
+  clouds (shots from the train split, each paired with the same sample's RGB image), test = depth of the test split
+  (``--synthetic-test-images``, default 48 good and 48 defective images per category).
   Image AUROC is reported over the defects a depth sensor can see (dents, bumps, cracks); colour-only contamination,
   invisible in depth by construction, gets its own column (AUROC of good vs contaminated images).
 
@@ -536,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--synthetic-test-images",
         type=int,
-        default=12,
+        default=48,
         help="synthetic: good and defective test images per category (each; a quarter of the defects are colour-only)",
     )
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 5])
