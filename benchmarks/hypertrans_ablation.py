@@ -11,7 +11,8 @@ Three data sets (REFERENCES 1; each seeded end to end), all with headroom for a 
   plates, shots from the transformed train plates (paired with their RGB images), test = the 111 test plates.
 - ``synthetic``: the built-in synthetic MVTec 3D-AD-style data (all four categories), made harder with small, shallow
   defects (``--defect-scale``, default 0.5). Source = RGB train images, target = depth rendered from the XYZ point
-  clouds (shots from the train split, each paired with the same sample's RGB image), test = depth of the test split.
+  clouds (shots from the train split, each paired with the same sample's RGB image), test = depth of the test split
+  (``--synthetic-test-images``, default 48 good and 48 defective images per category).
   Image AUROC is reported over the defects a depth sensor can see (dents, bumps, cracks); colour-only contamination,
   invisible in depth by construction, gets its own column (AUROC of good vs contaminated images).
 
@@ -533,6 +534,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--synthetic-root", type=Path, default=Path("datasets/hypergraph_synthetic_subtle"))
     parser.add_argument("--defect-scale", type=float, default=0.5, help="synthetic: size and depth of the defects")
     parser.add_argument("--categories", nargs="*", default=None, help="synthetic categories (default: all four)")
+    parser.add_argument(
+        "--synthetic-test-images",
+        type=int,
+        default=48,
+        help="synthetic: good and defective test images per category (each; a quarter of the defects are colour-only)",
+    )
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 5])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs-perturbation", type=int, default=3)
@@ -563,7 +570,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             source_images = args.source_images or (60 if dataset == "bottle" else None)
             splits = [sensor_shift_split(dataset, source_images)]
         else:
-            root = generate_synthetic_mvtec3d(args.synthetic_root, defect_scale=args.defect_scale, seed=0)
+            root = generate_synthetic_mvtec3d(
+                args.synthetic_root,
+                num_test_good=args.synthetic_test_images,
+                num_test_defect=args.synthetic_test_images,
+                defect_scale=args.defect_scale,
+                seed=0,
+            )
             splits = [synthetic_split(root, category) for category in (args.categories or SYNTHETIC_CATEGORIES)]
         results: dict[tuple[str, int], list[dict[str, float]]] = defaultdict(list)
         extras: dict[tuple[str, str], list] = defaultdict(list)
