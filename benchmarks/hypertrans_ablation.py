@@ -30,6 +30,7 @@ dihedral views), then the max-pooled nearest-neighbour distance of each mapped t
     python benchmarks/hypertrans_ablation.py --dataset all
     python benchmarks/hypertrans_ablation.py --dataset metal_plate --ablation extensions
     python benchmarks/hypertrans_ablation.py --ablation goals
+    python benchmarks/hypertrans_ablation.py --ablation paired --dataset metal_plate
 
 Cells are mean over seeds (and categories) of image AUROC / pixel AUROC / AU-PRO@0.3; the lines under each table give
 HyperTrans (with and without pairs) minus the better stock PatchCore bank per shot count, and the goal margin.
@@ -109,6 +110,7 @@ ABLATIONS = {
     "all": tuple(PIPELINES),
     "extensions": ("default", "no_pairs", "no_source", "all_views", "no_views", "paper"),
     "goals": ("default", "no_pairs", "no_source"),
+    "paired": ("default",),
 }
 # Rows: (pipeline, scorer options). The defaults are HyperTrans' defaults.
 DEFAULT_ROW = "HyperTrans (default, paired shots)"
@@ -556,7 +558,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=tuple(ABLATIONS),
         default="all",
         help="extensions: leave out the rows that need a separate DP or HDR pipeline; goals: only the goals' rows "
-        "(paired, - pairs, - source images, PatchCore)",
+        "(paired, - pairs, - source images, PatchCore); paired: only the paired default beside the probe and "
+        "PatchCore",
     )
     args = parser.parse_args(argv)
     pipeline_names = list(ABLATIONS[args.ablation])
