@@ -124,6 +124,7 @@ ROWS = {
     "  - top-1% pooling (max)": ("default", {"image_score": "max"}),
     "  - union (Eq. 18-19 evidence weight)": ("default", {"source_fusion": "weighted"}),
     "  + test-time views (test_views)": ("default", {"test_views": True}),
+    "  + test-time views, max pooling": ("default", {"test_views": True, "image_score": "max"}),
     "  - DP": ("no_dp", {}),
     "  - HDR": ("no_hdr", {}),
     "  + HDR on the translated source bank": ("hdr_translated", {}),
