@@ -150,7 +150,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         view_min_share: ``"auto"`` keeps a view whose share of held-out source patches' nearest neighbours is at least
             this fraction of the share it would have if the part looked the same in every view (default 0.25).
         test_views: score each test image in every shot view kept at fit time and average the per-view distances,
-            mapped back onto the image (ours, default off; one backbone pass and search per kept view).
+            mapped back onto the image (ours, default off; one backbone pass and search per candidate view).
         sigma: Gaussian smoothing of the anomaly map (paper: 4).
         chunk_size: rows per block in distance computations.
         search_backend: bank search, ``"exact"`` (default), ``"faiss_flat"`` (exact), ``"faiss_ivf"`` or

@@ -164,7 +164,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             (ours; off by default). The backbone's patch grid samples a rotated or mirrored image at other offsets, so
             each view is another reading of the same surface: a defect smaller than a patch is seen by some of them,
             and the noise of a single reading averages out. Only views under which the part's normal images stay
-            normal are used (the same fit-time choice as for the bank); inference costs one pass per kept view.
+            normal count (the same fit-time choice as for the bank); inference costs one pass per candidate view.
         sigma: Gaussian smoothing of the upsampled anomaly map (paper: 4).
         chunk_size: rows per block in every distance computation (memory vs speed).
         search_backend: how the per-domain banks are searched (:class:`~anomalib_hypergraph.hypergraph.BankIndex`):
@@ -604,20 +604,25 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         """Per fitted domain, nearest distances ``(B, h, w)`` averaged over the images' kept views (``test_views``).
 
         Each view's distance grid is turned back into the image's orientation before averaging, so a patch's value is
-        the mean over the readings of the same spot.
+        the mean over the readings of the same spot. Every candidate view is read and weighted by whether it is kept
+        (``shot_view_indices``; none chosen yet: all), so the exported graph has no branch on the stored choice.
         """
         candidates = self.candidate_views(images)
         square = images.shape[-1] == images.shape[-2]
-        chosen = self.shot_view_indices.tolist() or range(len(candidates))  # none chosen yet: every candidate
-        kept = [index for index in chosen if index < len(candidates)]
+        kept = torch.ones(len(candidates), device=images.device)
+        if self.shot_view_indices.numel() > 0:
+            chosen = self.shot_view_indices[self.shot_view_indices < len(candidates)]
+            kept = torch.zeros_like(kept).index_fill_(0, chosen, 1.0)
         total: dict[str, torch.Tensor] = {}
-        for index in kept:
-            features = self.extract(candidates[index])
+        for index, view in enumerate(candidates):
+            features = self.extract(view)
             batch_size, _, height, width = features.shape
             for domain, distances in self.nearest_distances(flatten_patches(features)).items():
-                grid = undo_dihedral_view(distances.reshape(batch_size, height, width), index, square=square)
+                grid = kept[index] * undo_dihedral_view(
+                    distances.reshape(batch_size, height, width), index, square=square
+                )
                 total[domain] = grid if domain not in total else total[domain] + grid
-        return {domain: grid / len(kept) for domain, grid in total.items()}
+        return {domain: grid / kept.sum() for domain, grid in total.items()}
 
     def nearest_distances(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per fitted domain, the distance of every query patch row to its best-matching stored bank vertex.
