@@ -123,6 +123,8 @@ ROWS = {
     "  - shot views (none)": ("no_views", {}),
     "  - top-1% pooling (max)": ("default", {"image_score": "max"}),
     "  - union (Eq. 18-19 evidence weight)": ("default", {"source_fusion": "weighted"}),
+    "  + test-time views (test_views)": ("default", {"test_views": True}),
+    "  + test-time views, max pooling": ("default", {"test_views": True, "image_score": "max"}),
     "  - DP": ("no_dp", {}),
     "  - HDR": ("no_hdr", {}),
     "  + HDR on the translated source bank": ("hdr_translated", {}),
@@ -330,6 +332,7 @@ class PipelineResult:
     translated: bool
     units: tuple[float, float] | None
     kept_views: list[int]
+    view_distances: dict[str, torch.Tensor] | None  # averaged over the kept views of each test image (test_views)
 
 
 def run_pipeline(
@@ -340,8 +343,12 @@ def run_pipeline(
     *,
     seed: int,
     args: argparse.Namespace,
+    test_views: bool = False,
 ) -> PipelineResult:
-    """Fill the banks as the Lightning module does, fit them (``fit_banks``) and search every test patch."""
+    """Fill the banks as the Lightning module does, fit them (``fit_banks``) and search every test patch.
+
+    ``test_views``: also search the test images in every kept view (``HyperTransModel.view_averaged_distances``).
+    """
     model = hypertrans_model(pipeline, seed)
     if pipeline.source:
         if prepared.adapters is not None:
@@ -384,6 +391,10 @@ def run_pipeline(
             block = test_features[start : start + 8]
             for domain, value in model.nearest_distances(flatten_patches(block)).items():
                 maps[domain].append(value.reshape(block.shape[0], height, width))
+        view_maps: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for images in batches(split.test, 8) if test_views else ():
+            for domain, value in model.view_averaged_distances(images).items():
+                view_maps[domain].append(value)
     return PipelineResult(
         model=model,
         distances={domain: torch.cat(values) for domain, values in maps.items()},
@@ -392,12 +403,15 @@ def run_pipeline(
         translated=report.translation is not None,
         units=report.units if report.translation is not None else None,
         kept_views=kept,
+        view_distances={domain: torch.cat(values) for domain, values in view_maps.items()} if test_views else None,
     )
 
 
 def score_row(result: PipelineResult, options: dict) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Image scores and maps of one row with the model's own CrossDomainScorer, configured as the row says."""
     base = result.model.scorer
+    options = dict(options)
+    distances = result.view_distances if options.pop("test_views", False) else result.distances
     settings = {
         "domain_weighting": base.domain_weighting,
         "image_score": base.image_score,
@@ -408,9 +422,7 @@ def score_row(result: PipelineResult, options: dict) -> tuple[torch.Tensor, torc
     scorer = CrossDomainScorer(beta=base.beta, **settings)
     fusion = scorer.fit(result.connectivity, translated_source=result.translated, units=result.units)
     with torch.no_grad():
-        scores, maps = scorer(
-            result.distances[TARGET], result.distances.get(SOURCE), result.model.kernel, (IMAGE_SIZE, IMAGE_SIZE)
-        )
+        scores, maps = scorer(distances[TARGET], distances.get(SOURCE), result.model.kernel, (IMAGE_SIZE, IMAGE_SIZE))
     return scores, maps, fusion if fusion != "weighted" else f"w={float(scorer.source_weight):.2f}"
 
 
@@ -564,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     pipeline_names = list(ABLATIONS[args.ablation])
     rows = {row: spec for row, spec in ROWS.items() if spec[0] in pipeline_names}
+    searched_in_views = {pipeline for pipeline, options in rows.values() if options.get("test_views")}
     machine = (
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
@@ -593,7 +606,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     shots = select_shots(split.target_pool_paths, k_shot, strategy="random", seed=seed)
                     pipelines = {
                         name: run_pipeline(
-                            PIPELINES[name], prepared.get(PIPELINES[name].dp), split, shots, seed=seed, args=args
+                            PIPELINES[name],
+                            prepared.get(PIPELINES[name].dp),
+                            split,
+                            shots,
+                            seed=seed,
+                            args=args,
+                            test_views=name in searched_in_views,
                         )
                         for name in pipeline_names
                     }

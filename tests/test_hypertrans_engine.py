@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -249,11 +250,20 @@ def test_without_pairs_the_model_ignores_them(
     assert runs[0][1] == runs[1][1]
 
 
-def test_onnx_export_scores_like_the_torch_model(trained: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("test_views", [False, True], ids=["as trained", "test-time views"])
+def test_onnx_export_scores_like_the_torch_model(trained: dict, tmp_path: Path, test_views: bool) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
     model: HyperTrans = trained["model"]
-    exported = trained["engine"].export(model=model, export_type=ExportType.ONNX, export_root=tmp_path)
-    session = onnxruntime.InferenceSession(str(exported))
+    model.model.test_views = test_views
+    try:
+        exported = trained["engine"].export(model=model, export_type=ExportType.ONNX, export_root=tmp_path)
+        session = onnxruntime.InferenceSession(str(exported))
+        check_onnx_session(model, session)
+    finally:
+        model.model.test_views = False
+
+
+def check_onnx_session(model: HyperTrans, session: Any) -> None:
     model.eval()
     for batch_size in (1, 3):  # the batch axis stays dynamic
         images = torch.rand(batch_size, 3, 64, 64, generator=torch.Generator().manual_seed(batch_size))

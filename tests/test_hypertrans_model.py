@@ -13,7 +13,9 @@ from anomalib_hypergraph.models.hypertrans.torch_model import (
     TARGET,
     HyperTransModel,
     default_perturbed_stages,
+    dihedral_views,
     flatten_patches,
+    undo_dihedral_view,
 )
 from tests.conftest import TINY_IMAGE_SIZE, TINY_VIT_KWARGS
 
@@ -200,6 +202,49 @@ def test_state_dict_round_trip_reproduces_scores(images: torch.Tensor) -> None:
         actual = restored(images[:2])
     torch.testing.assert_close(actual.pred_score, expected.pred_score, rtol=0, atol=1e-6)
     torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(6, 6), (4, 6)], ids=["square: 8 views", "non-square: 4 views"])
+def test_undo_dihedral_view_maps_every_view_back(size: tuple[int, int]) -> None:
+    grid = torch.arange(size[0] * size[1], dtype=torch.float32).reshape(1, *size)
+    views = dihedral_views(grid)
+    assert len({tuple(view.flatten().tolist()) for view in views}) == len(views)
+    for index, view in enumerate(views):
+        assert torch.equal(undo_dihedral_view(view, index, square=size[0] == size[1]), grid)
+
+
+def test_test_views_score_every_view_of_an_image_alike(images: torch.Tensor) -> None:
+    """Averaged over all eight views, an image and its rotated or mirrored copy get the same score and map."""
+    model = make_model(shot_augmentation="dihedral")
+    fill_banks(model, images[:4], images[4:])
+    model.fit_banks(iterations=2, lr=1e-3)
+    model.eval()
+    for test_views in (False, True):
+        model.test_views = test_views
+        with torch.no_grad():
+            outputs = [model(view) for view in dihedral_views(images[:2])]
+        maps_back = [undo_dihedral_view(out.anomaly_map, index) for index, out in enumerate(outputs)]
+        same = all(
+            torch.allclose(out.pred_score, outputs[0].pred_score, atol=1e-5)
+            and torch.allclose(back, maps_back[0], atol=1e-5)
+            for out, back in zip(outputs, maps_back, strict=True)
+        )
+        assert same == test_views  # a single reading depends on the orientation (the backbone is not invariant)
+
+
+def test_test_views_with_only_the_shot_as_it_is_score_as_without(images: torch.Tensor) -> None:
+    model = make_model()
+    fill_banks(model, images[:4], images[4:])
+    model.fit_banks(iterations=2, lr=1e-3)
+    model.shot_view_indices = torch.tensor([0])
+    model.eval()
+    outputs = []
+    for test_views in (False, True):
+        model.test_views = test_views
+        with torch.no_grad():
+            outputs.append(model(images[:2]))
+    torch.testing.assert_close(outputs[1].pred_score, outputs[0].pred_score, rtol=0, atol=1e-6)
+    torch.testing.assert_close(outputs[1].anomaly_map, outputs[0].anomaly_map, rtol=0, atol=1e-6)
 
 
 def test_flatten_patches_is_row_major() -> None:

@@ -149,6 +149,8 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             logged; ``"dihedral"``: all of them; ``"none"``: the shots as they are (the paper).
         view_min_share: ``"auto"`` keeps a view whose share of held-out source patches' nearest neighbours is at least
             this fraction of the share it would have if the part looked the same in every view (default 0.25).
+        test_views: score each test image in every shot view kept at fit time and average the per-view distances,
+            mapped back onto the image (ours, default off; one backbone pass and search per candidate view).
         sigma: Gaussian smoothing of the anomaly map (paper: 4).
         chunk_size: rows per block in distance computations.
         search_backend: bank search, ``"exact"`` (default), ``"faiss_flat"`` (exact), ``"faiss_ivf"`` or
@@ -203,6 +205,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         top_fraction: float = 0.01,
         shot_augmentation: str = "auto",
         view_min_share: float = 0.25,
+        test_views: bool = False,
         sigma: float = 4.0,
         chunk_size: int = 2048,
         search_backend: str = "exact",
@@ -262,6 +265,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             top_fraction=top_fraction,
             shot_augmentation=shot_augmentation,
             view_min_share=view_min_share,
+            test_views=test_views,
             sigma=sigma,
             chunk_size=chunk_size,
             search_backend=search_backend,

@@ -159,6 +159,12 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             shots as they are (the paper).
         view_min_share: ``"auto"`` keeps a view whose share of the held-out source patches' nearest neighbours is at
             least this fraction of the share every view would have if the part looked the same in all of them.
+        test_views: score a query image in every view kept for the shots (``shot_view_indices``) and average, per
+            sub-hypergraph, the nearest-neighbour distances of each view, mapped back onto the image, before scoring
+            (ours; off by default). The backbone's patch grid samples a rotated or mirrored image at other offsets, so
+            each view is another reading of the same surface: a defect smaller than a patch is seen by some of them,
+            and the noise of a single reading averages out. Only views under which the part's normal images stay
+            normal count (the same fit-time choice as for the bank); inference costs one pass per candidate view.
         sigma: Gaussian smoothing of the upsampled anomaly map (paper: 4).
         chunk_size: rows per block in every distance computation (memory vs speed).
         search_backend: how the per-domain banks are searched (:class:`~anomalib_hypergraph.hypergraph.BankIndex`):
@@ -207,6 +213,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         top_fraction: float = 0.01,
         shot_augmentation: ShotAugmentation = "auto",
         view_min_share: float = 0.25,
+        test_views: bool = False,
         sigma: float = 4.0,
         chunk_size: int = 2048,
         search_backend: str = "exact",
@@ -239,6 +246,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         self.num_neighbors = num_neighbors
         self.shot_augmentation = shot_augmentation
         self.view_min_share = view_min_share
+        self.test_views = test_views
         self.chunk_size = chunk_size
         self.seed = seed
 
@@ -586,7 +594,35 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
                 "or load a trained checkpoint."
             )
             raise RuntimeError(msg)
-        return self.score_features(self.extract(images), tuple(images.shape[-2:]))
+        if not self.test_views:
+            return self.score_features(self.extract(images), tuple(images.shape[-2:]))
+        grids = self.view_averaged_distances(images)
+        pred_score, anomaly_map = self.scorer(grids[TARGET], grids.get(SOURCE), self.kernel, tuple(images.shape[-2:]))
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    def view_averaged_distances(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per fitted domain, nearest distances ``(B, h, w)`` averaged over the images' kept views (``test_views``).
+
+        Each view's distance grid is turned back into the image's orientation before averaging, so a patch's value is
+        the mean over the readings of the same spot. Every candidate view is read and weighted by whether it is kept
+        (``shot_view_indices``; none chosen yet: all), so the exported graph has no branch on the stored choice.
+        """
+        candidates = self.candidate_views(images)
+        square = images.shape[-1] == images.shape[-2]
+        kept = torch.ones(len(candidates), device=images.device)
+        if self.shot_view_indices.numel() > 0:
+            chosen = self.shot_view_indices[self.shot_view_indices < len(candidates)]
+            kept = torch.zeros_like(kept).index_fill_(0, chosen, 1.0)
+        total: dict[str, torch.Tensor] = {}
+        for index, view in enumerate(candidates):
+            features = self.extract(view)
+            batch_size, _, height, width = features.shape
+            for domain, distances in self.nearest_distances(flatten_patches(features)).items():
+                grid = kept[index] * undo_dihedral_view(
+                    distances.reshape(batch_size, height, width), index, square=square
+                )
+                total[domain] = grid if domain not in total else total[domain] + grid
+        return {domain: grid / kept.sum() for domain, grid in total.items()}
 
     def nearest_distances(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per fitted domain, the distance of every query patch row to its best-matching stored bank vertex.
@@ -690,6 +726,18 @@ def dihedral_views(images: torch.Tensor) -> list[torch.Tensor]:
         return [images, images.flip(-1), images.flip(-2), images.flip(-2, -1)]
     mirrored = images.flip(-1)
     return [torch.rot90(view, turns, dims=(-2, -1)) for view in (images, mirrored) for turns in range(4)]
+
+
+def undo_dihedral_view(grid: torch.Tensor, index: int, *, square: bool = True) -> torch.Tensor:
+    """Map a grid ``(..., h, w)`` computed on view ``index`` of :func:`dihedral_views` back onto the original image.
+
+    ``square``: whether the views were taken of square images (eight views) or not (four mirror views).
+    """
+    if not square:
+        mirrored_dims = ((), (-1,), (-2,), (-2, -1))[index]  # each mirror is its own inverse
+        return grid.flip(mirrored_dims) if mirrored_dims else grid
+    restored = torch.rot90(grid, -(index % 4), dims=(-2, -1))
+    return restored.flip(-1) if index >= 4 else restored
 
 
 def image_key(path: str | Path) -> int:
