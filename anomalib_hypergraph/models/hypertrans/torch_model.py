@@ -596,16 +596,15 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             raise RuntimeError(msg)
         if not self.test_views:
             return self.score_features(self.extract(images), tuple(images.shape[-2:]))
-        grids = self.view_averaged_distances(images)
-        pred_score, anomaly_map = self.scorer(grids[TARGET], grids.get(SOURCE), self.kernel, tuple(images.shape[-2:]))
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        return self.score_grids(self.view_averaged_distances(images), tuple(images.shape[-2:]))
 
     def view_averaged_distances(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per fitted domain, nearest distances ``(B, h, w)`` averaged over the images' kept views (``test_views``).
 
         Each view's distance grid is turned back into the image's orientation before averaging, so a patch's value is
-        the mean over the readings of the same spot. Every candidate view is read and weighted by whether it is kept
-        (``shot_view_indices``; none chosen yet: all), so the exported graph has no branch on the stored choice.
+        the mean over the readings of the same spot. Views not kept (``shot_view_indices``; none chosen yet: all) are
+        skipped; an export reads every candidate view and weights it by whether it is kept, so the graph has no branch
+        on the stored choice.
         """
         candidates = self.candidate_views(images)
         square = images.shape[-1] == images.shape[-2]
@@ -614,7 +613,10 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             chosen = self.shot_view_indices[self.shot_view_indices < len(candidates)]
             kept = torch.zeros_like(kept).index_fill_(0, chosen, 1.0)
         total: dict[str, torch.Tensor] = {}
+        exporting = torch.compiler.is_exporting()
         for index, view in enumerate(candidates):
+            if not exporting and not bool(kept[index]):
+                continue
             features = self.extract(view)
             batch_size, _, height, width = features.shape
             for domain, distances in self.nearest_distances(flatten_patches(features)).items():
@@ -711,7 +713,12 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         """Cross-domain scores of extracted patch features (B, C, h, w) against the stored banks, maps at image size."""
         batch_size, _, height, width = features.shape
         distances = self.nearest_distances(flatten_patches(features))
-        grids = {domain: value.reshape(batch_size, height, width) for domain, value in distances.items()}
+        return self.score_grids(
+            {domain: value.reshape(batch_size, height, width) for domain, value in distances.items()}, image_size
+        )
+
+    def score_grids(self, grids: dict[str, torch.Tensor], image_size: tuple[int, int]) -> InferenceBatch:
+        """Cross-domain scores from per-domain nearest distances ``(B, h, w)``, maps at image size (Eq. 18-19)."""
         pred_score, anomaly_map = self.scorer(grids[TARGET], grids.get(SOURCE), self.kernel, image_size)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
