@@ -676,9 +676,9 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         square = images.shape[-1] == images.shape[-2]
         kept = torch.ones(len(candidates), device=images.device)
         views = self.test_view_indices if self.test_views == "auto" else self.shot_view_indices
-        if views.numel() > 0:
-            chosen = views[views < len(candidates)]
-            kept = torch.zeros_like(kept).index_fill_(0, chosen, 1.0)
+        if views.numel() > 0:  # a comparison, not index_fill_ (whose ONNX lowering logs an ambiguous attribute)
+            candidate_index = torch.arange(len(candidates), device=views.device)
+            kept = (candidate_index[:, None] == views[None, :]).any(dim=1).to(kept)
         total: dict[str, torch.Tensor] = {}
         exporting = torch.compiler.is_exporting()
         for index, view in enumerate(candidates):
