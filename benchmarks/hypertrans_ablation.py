@@ -370,7 +370,7 @@ def run_pipeline(
         shot_rows = embed_views(model, split.target_pool[shots], views=True)
         probe, held_out = (shot_rows[:1], shot_rows[1:, 0]) if len(shots) > 1 else (shot_rows, shot_rows[:0, 0])
         views = model.choose_shot_views(
-            [probe[:, view].flatten(0, 1) for view in range(probe.shape[1])], held_out.flatten(0, 1)
+            [probe[:, view].flatten(0, 1) for view in range(probe.shape[1])], held_out.flatten(0, 1), from_source=False
         )
         with torch.no_grad():
             test_features = torch.cat([model.extract(images) for images in batches(split.test)])

@@ -138,6 +138,9 @@ def test_test_views_are_read_only_when_turned_normal_images_stay_as_close() -> N
     assert model.test_view_indices.numel() == 0
     lenient = views_model("dihedral", test_view_tolerance=report.view_distance_ratio)
     assert lenient.choose_shot_views(farther, held_out).test_views
+    shots_only = views_model("dihedral")
+    report = shots_only.choose_shot_views(alike, held_out, from_source=False)
+    assert report.view_distance_ratio is None and not shots_only.reads_test_views  # shots alone are too few to judge
     forced = views_model("dihedral", test_views=True)
     forced.choose_shot_views(farther, held_out)
     assert forced.reads_test_views  # the option overrides the evidence

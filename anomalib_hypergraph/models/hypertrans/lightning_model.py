@@ -449,7 +449,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             probe = key_image(target_keys) == shots[0]
             probe_views = [target_rows[probe & (key_view(target_keys) == view)] for view in range(self._num_views)]
             held_rows = target_rows[~probe & (key_view(target_keys) == 0)]
-        views = self.model.choose_shot_views(probe_views, held_rows)
+        views = self.model.choose_shot_views(probe_views, held_rows, from_source=SOURCE in self._staged_domains)
         kept = torch.isin(key_view(target_keys), torch.tensor(views.kept, device=target_keys.device))
         memory.set(TARGET, target_rows[kept])
         pairs = None
@@ -607,7 +607,7 @@ def _describe_test_views(option: bool | str, views: ViewReport) -> str:
     if option != "auto":
         return "in the kept views (test_views=true)" if option else "as they are (test_views=false)"
     if views.view_distance_ratio is None:
-        return "as they are (test_views=auto: no second kept view or no held-out images to judge by)"
+        return "as they are (test_views=auto: no source images, no second kept view or nothing held out to judge by)"
     verdict = "in the kept views" if views.test_views else "as they are"
     return (
         f"{verdict} (test_views=auto: turned probe images {views.view_distance_ratio:.3f}x as far from held-out images)"

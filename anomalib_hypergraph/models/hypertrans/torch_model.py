@@ -368,7 +368,9 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         return [views[index] for index in self.shot_view_indices.tolist() if index < len(views)]
 
     @torch.no_grad()
-    def choose_shot_views(self, probe_views: Sequence[torch.Tensor], held_out: torch.Tensor) -> ViewReport:
+    def choose_shot_views(
+        self, probe_views: Sequence[torch.Tensor], held_out: torch.Tensor, *, from_source: bool = True
+    ) -> ViewReport:
         """Decide which views of the shots enter the target bank and whether test images are read in them.
 
         A view of a shot helps when the part's normal images really take that orientation, and hurts when they never
@@ -384,11 +386,14 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         close to the other normal images as it is unturned, since the source bank holds them only as they are. The
         same images measure it: the median distance of the probe patches to their nearest held-out patch, in each
         kept view against the probes as they are (:attr:`ViewReport.view_distance_ratio`); the views are read when
-        its geometric mean over the kept views stays within ``1 + test_view_tolerance``.
+        its geometric mean over the kept views stays within ``1 + test_view_tolerance``. Without source images
+        (``from_source=False``: a single-domain run judges the shot views on the shots themselves, one probe shot
+        against at most a few others) that measure is too thin to go by, and ``"auto"`` reads test images as they are.
 
         Args:
             probe_views: per candidate view ``v``, the patch rows of the probe images seen in view ``v``.
-            held_out: patch rows of held-out source images, as they are.
+            held_out: patch rows of held-out images, as they are.
+            from_source: whether probe and held-out images are source images (else target shots).
 
         """
         num_views = len(probe_views)
@@ -407,7 +412,8 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             kept = [0, *(index for index in range(1, num_views) if float(view_share[index]) >= threshold)]
             shares = [round(float(share), 4) for share in view_share]
         self.shot_view_indices = torch.tensor(kept, dtype=torch.long, device=self.shot_view_indices.device)
-        ratio = None if no_evidence or len(kept) < 2 else self._view_distance_ratio(probe_views, held_out, kept)
+        judged = from_source and not no_evidence and len(kept) > 1
+        ratio = self._view_distance_ratio(probe_views, held_out, kept) if judged else None
         reads_views = ratio is not None and ratio <= 1.0 + self.test_view_tolerance
         self.test_view_indices = self.shot_view_indices.clone() if reads_views else self.shot_view_indices[:0].clone()
         return ViewReport(
