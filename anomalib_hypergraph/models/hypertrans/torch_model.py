@@ -62,6 +62,7 @@ SHORTLIST_MARGIN = 4  # extra exact candidates per search, see HyperTransModel._
 VIEW_PROBE_IMAGES = 4  # source images seen in every view for the choice of shot views (choose_shot_views)
 VIEW_HELD_OUT_IMAGES = 16  # further source images whose patches that choice matches against the probes
 ShotAugmentation = Literal["auto", "dihedral", "none"]
+TestViews = bool | Literal["auto"]
 
 
 @dataclass
@@ -120,11 +121,18 @@ class ViewReport:
         kept: indices of the kept views (0 is the shot as it is).
         shares: per candidate view, the share of held-out source patches whose nearest neighbour lies in that view of
             the probe images (empty when the choice was not made from data).
+        view_distance_ratio: how much farther the probe images' patches are from the held-out images in the kept
+            views than as they are (geometric mean over the kept views other than the first of the ratio of median
+            nearest distances; 1.0: the part looks as normal turned as unturned). ``None`` without evidence or without
+            a second kept view.
+        test_views: whether ``test_views="auto"`` reads test images in the kept views.
 
     """
 
     kept: list[int]
     shares: list[float]
+    view_distance_ratio: float | None = None
+    test_views: bool = False
 
 
 class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
@@ -161,10 +169,16 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             least this fraction of the share every view would have if the part looked the same in all of them.
         test_views: score a query image in every view kept for the shots (``shot_view_indices``) and average, per
             sub-hypergraph, the nearest-neighbour distances of each view, mapped back onto the image, before scoring
-            (ours; off by default). The backbone's patch grid samples a rotated or mirrored image at other offsets, so
-            each view is another reading of the same surface: a defect smaller than a patch is seen by some of them,
-            and the noise of a single reading averages out. Only views under which the part's normal images stay
-            normal count (the same fit-time choice as for the bank); inference costs one pass per candidate view.
+            (ours). The backbone's patch grid samples a rotated or mirrored image at other offsets, so each view is
+            another reading of the same surface: a defect smaller than a patch is seen by some of them, and the noise
+            of a single reading averages out. But the source bank holds the source images only as they are, and a
+            part whose normal images change when turned (an oriented texture, a shape) reads as slightly abnormal in
+            every turned view, which drowns the defects. ``"auto"`` (default) decides at fit time from the source
+            images (:meth:`choose_shot_views`): the views are read when turned probe images lie, on average over the
+            kept views, at most ``test_view_tolerance`` farther from held-out images than unturned ones; ``True``
+            always reads the kept views, ``False`` never. Reading costs one backbone pass and search per view.
+        test_view_tolerance: the relative increase of the median nearest distance that ``test_views="auto"`` accepts
+            (default 0.1: turned normal images at most 10 % farther from the other normal images than unturned).
         sigma: Gaussian smoothing of the upsampled anomaly map (paper: 4).
         chunk_size: rows per block in every distance computation (memory vs speed).
         search_backend: how the per-domain banks are searched (:class:`~anomalib_hypergraph.hypergraph.BankIndex`):
@@ -188,8 +202,9 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
 
     """
 
-    # Checkpoints from before paired shots and the choice of shot views: every view kept, source bank not translated.
-    defaulted_state = ("shot_view_indices", "source_bank_translated")
+    # Checkpoints from before paired shots and the choices of views: every shot view kept, source bank not
+    # translated, test images read as they are.
+    defaulted_state = ("shot_view_indices", "source_bank_translated", "test_view_indices")
 
     def __init__(
         self,
@@ -213,7 +228,8 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         top_fraction: float = 0.01,
         shot_augmentation: ShotAugmentation = "auto",
         view_min_share: float = 0.25,
-        test_views: bool = False,
+        test_views: TestViews = "auto",
+        test_view_tolerance: float = 0.1,
         sigma: float = 4.0,
         chunk_size: int = 2048,
         search_backend: str = "exact",
@@ -233,6 +249,12 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         if not 0.0 <= view_min_share <= 1.0:
             msg = f"view_min_share must be in [0, 1], got {view_min_share}."
             raise ValueError(msg)
+        if test_views not in (True, False, "auto"):
+            msg = f"test_views must be true, false or 'auto', got {test_views!r}."
+            raise ValueError(msg)
+        if test_view_tolerance < 0.0:
+            msg = f"test_view_tolerance must be >= 0, got {test_view_tolerance}."
+            raise ValueError(msg)
         if isinstance(num_neighbors, bool) or not isinstance(num_neighbors, int) or num_neighbors < 2:
             msg = f"num_neighbors must be an int >= 2 (a bank vertex's hyperedge holds itself), got {num_neighbors!r}."
             raise ValueError(msg)
@@ -247,6 +269,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         self.shot_augmentation = shot_augmentation
         self.view_min_share = view_min_share
         self.test_views = test_views
+        self.test_view_tolerance = test_view_tolerance
         self.chunk_size = chunk_size
         self.seed = seed
 
@@ -289,6 +312,10 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         # Views of a shot in the target bank (indices into dihedral_views); all candidates until choose_shot_views.
         self.register_buffer("shot_view_indices", torch.empty(0, dtype=torch.long))
         self.shot_view_indices: torch.Tensor
+        # Views a test image is read in under test_views="auto" (empty: as it is); its size is fixed at fit time, so an
+        # exported graph knows whether to read views without a data-dependent branch.
+        self.register_buffer("test_view_indices", torch.empty(0, dtype=torch.long))
+        self.test_view_indices: torch.Tensor
         # Whether the memory bank's source rows live in the target feature space (translated from paired shots).
         self.register_buffer("source_bank_translated", torch.zeros((), dtype=torch.bool))
         self.source_bank_translated: torch.Tensor
@@ -341,8 +368,10 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         return [views[index] for index in self.shot_view_indices.tolist() if index < len(views)]
 
     @torch.no_grad()
-    def choose_shot_views(self, probe_views: Sequence[torch.Tensor], held_out: torch.Tensor) -> ViewReport:
-        """Decide which views of the shots enter the target bank, from source images alone (``shot_augmentation``).
+    def choose_shot_views(
+        self, probe_views: Sequence[torch.Tensor], held_out: torch.Tensor, *, from_source: bool = True
+    ) -> ViewReport:
+        """Decide which views of the shots enter the target bank and whether test images are read in them.
 
         A view of a shot helps when the part's normal images really take that orientation, and hurts when they never
         do (a rotated texture with a direction then looks like a defect and hides real ones). The source domain has
@@ -353,27 +382,59 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         (view 0) is always kept. ``"dihedral"`` and ``"none"`` keep every candidate view without looking; so does
         ``"auto"`` when there is nothing to judge by (fewer than two images), and the report's shares are then empty.
 
+        Reading a test image in the kept views (``test_views="auto"``) needs more: a turned normal image must stay as
+        close to the other normal images as it is unturned, since the source bank holds them only as they are. The
+        same images measure it: the median distance of the probe patches to their nearest held-out patch, in each
+        kept view against the probes as they are (:attr:`ViewReport.view_distance_ratio`); the views are read when
+        its geometric mean over the kept views stays within ``1 + test_view_tolerance``. Without source images
+        (``from_source=False``: a single-domain run judges the shot views on the shots themselves, one probe shot
+        against at most a few others) that measure is too thin to go by, and ``"auto"`` reads test images as they are.
+
         Args:
             probe_views: per candidate view ``v``, the patch rows of the probe images seen in view ``v``.
-            held_out: patch rows of held-out source images, as they are.
+            held_out: patch rows of held-out images, as they are.
+            from_source: whether probe and held-out images are source images (else target shots).
 
         """
         num_views = len(probe_views)
         no_evidence = held_out.shape[0] == 0 or any(part.shape[0] == 0 for part in probe_views)
+        shares: list[float] = []
         if self.shot_augmentation != "auto" or num_views <= 1 or no_evidence:
             kept = list(range(num_views)) if self.shot_augmentation != "none" else [0]
-            self.shot_view_indices = torch.tensor(kept, dtype=torch.long, device=self.shot_view_indices.device)
-            return ViewReport(kept=kept, shares=[])
-        rows = torch.cat(list(probe_views))
-        view_of_row = torch.cat(
-            [torch.full((part.shape[0],), index, dtype=torch.long) for index, part in enumerate(probe_views)]
-        ).to(rows.device)
-        _, nearest = chunked_knn(held_out, rows, 1, chunk_size=self.chunk_size)
-        shares = torch.bincount(view_of_row[nearest[:, 0]], minlength=num_views).float() / held_out.shape[0]
-        threshold = self.view_min_share / num_views
-        kept = [0, *(index for index in range(1, num_views) if float(shares[index]) >= threshold)]
+        else:
+            rows = torch.cat(list(probe_views))
+            view_of_row = torch.cat(
+                [torch.full((part.shape[0],), index, dtype=torch.long) for index, part in enumerate(probe_views)]
+            ).to(rows.device)
+            _, nearest = chunked_knn(held_out, rows, 1, chunk_size=self.chunk_size)
+            view_share = torch.bincount(view_of_row[nearest[:, 0]], minlength=num_views).float() / held_out.shape[0]
+            threshold = self.view_min_share / num_views
+            kept = [0, *(index for index in range(1, num_views) if float(view_share[index]) >= threshold)]
+            shares = [round(float(share), 4) for share in view_share]
         self.shot_view_indices = torch.tensor(kept, dtype=torch.long, device=self.shot_view_indices.device)
-        return ViewReport(kept=kept, shares=[round(float(share), 4) for share in shares])
+        judged = from_source and not no_evidence and len(kept) > 1
+        ratio = self._view_distance_ratio(probe_views, held_out, kept) if judged else None
+        reads_views = ratio is not None and ratio <= 1.0 + self.test_view_tolerance
+        self.test_view_indices = self.shot_view_indices.clone() if reads_views else self.shot_view_indices[:0].clone()
+        return ViewReport(
+            kept=kept,
+            shares=shares,
+            view_distance_ratio=None if ratio is None else round(ratio, 4),
+            test_views=reads_views,
+        )
+
+    def _view_distance_ratio(
+        self, probe_views: Sequence[torch.Tensor], held_out: torch.Tensor, kept: list[int]
+    ) -> float:
+        """Geometric mean over the kept views ``v > 0`` of median(probe-to-held-out distance in ``v``) / in view 0."""
+        medians = [
+            chunked_knn(probe_views[view], held_out, 1, chunk_size=self.chunk_size)[0][:, 0].median() for view in kept
+        ]
+        tiny = torch.finfo(medians[0].dtype).tiny
+        log_ratios = torch.stack(
+            [median.clamp_min(tiny).log() - medians[0].clamp_min(tiny).log() for median in medians]
+        )
+        return float(log_ratios[1:].mean().exp())
 
     # ------------------------------------------------------------------------------------------------ stage 1
     def perturbation_loss(self, images: torch.Tensor) -> torch.Tensor:
@@ -594,24 +655,36 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
                 "or load a trained checkpoint."
             )
             raise RuntimeError(msg)
-        if not self.test_views:
+        if not self.reads_test_views:
             return self.score_features(self.extract(images), tuple(images.shape[-2:]))
         return self.score_grids(self.view_averaged_distances(images), tuple(images.shape[-2:]))
 
+    @property
+    def reads_test_views(self) -> bool:
+        """Whether test images are read in views (``test_views``).
+
+        Under ``"auto"`` a size check on the fit-time choice, so that an export has no data-dependent branch.
+        """
+        if self.test_views == "auto":
+            return self.test_view_indices.numel() > 0
+        return bool(self.test_views)
+
     def view_averaged_distances(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per fitted domain, nearest distances ``(B, h, w)`` averaged over the images' kept views (``test_views``).
+        """Per fitted domain, nearest distances ``(B, h, w)`` averaged over the images' read views (``test_views``).
 
         Each view's distance grid is turned back into the image's orientation before averaging, so a patch's value is
-        the mean over the readings of the same spot. Views not kept (``shot_view_indices``; none chosen yet: all) are
-        skipped; an export reads every candidate view and weights it by whether it is kept, so the graph has no branch
-        on the stored choice.
+        the mean over the readings of the same spot. The views read are those kept for the shots
+        (``shot_view_indices``; none chosen yet: all), under ``"auto"`` the fit-time choice (``test_view_indices``).
+        Views not read are skipped; an export reads every candidate view and weights it by whether it is read, so the
+        graph has no branch on the stored choice.
         """
         candidates = self.candidate_views(images)
         square = images.shape[-1] == images.shape[-2]
         kept = torch.ones(len(candidates), device=images.device)
-        if self.shot_view_indices.numel() > 0:
-            chosen = self.shot_view_indices[self.shot_view_indices < len(candidates)]
-            kept = torch.zeros_like(kept).index_fill_(0, chosen, 1.0)
+        views = self.test_view_indices if self.test_views == "auto" else self.shot_view_indices
+        if views.numel() > 0:  # a comparison, not index_fill_ (whose ONNX lowering logs an ambiguous attribute)
+            candidate_index = torch.arange(len(candidates), device=views.device)
+            kept = (candidate_index[:, None] == views[None, :]).any(dim=1).to(kept)
         total: dict[str, torch.Tensor] = {}
         exporting = torch.compiler.is_exporting()
         for index, view in enumerate(candidates):
