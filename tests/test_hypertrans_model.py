@@ -270,6 +270,12 @@ def test_auto_test_views_follow_the_fit_time_choice_and_old_checkpoints_read_ima
             actual = model(images[:2])
         torch.testing.assert_close(actual.pred_score, expected.pred_score, rtol=0, atol=1e-6)
         torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, rtol=0, atol=1e-6)
+    with torch.no_grad():  # what "auto" reads, when asked to read at all, are the shot views, as with True
+        auto_read = model.view_averaged_distances(images[:2])
+        model.test_views = True
+        forced_read = model.view_averaged_distances(images[:2])
+    for domain, grid in forced_read.items():
+        torch.testing.assert_close(auto_read[domain], grid, rtol=0, atol=1e-6)
     model.test_view_indices = model.shot_view_indices.clone()
     state = {key: value for key, value in model.state_dict().items() if key != "test_view_indices"}
     restored = make_model(shot_augmentation="dihedral")

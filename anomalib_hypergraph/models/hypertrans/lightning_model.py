@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from anomalib import LearningType
@@ -58,6 +58,7 @@ from .torch_model import (
     BankReport,
     HyperTransModel,
     PairedShots,
+    TestViews,
     ViewReport,
     flatten_patches,
     image_key,
@@ -211,7 +212,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         top_fraction: float = 0.01,
         shot_augmentation: str = "auto",
         view_min_share: float = 0.25,
-        test_views: bool | Literal["auto"] = "auto",
+        test_views: TestViews = "auto",
         test_view_tolerance: float = 0.1,
         sigma: float = 4.0,
         chunk_size: int = 2048,
@@ -602,7 +603,7 @@ def _describe_fusion(report: BankReport) -> str:
     return "target bank only"
 
 
-def _describe_test_views(option: bool | str, views: ViewReport) -> str:
+def _describe_test_views(option: TestViews, views: ViewReport) -> str:
     """Describe how test images are read (``test_views`` and the fit-time evidence), for the log."""
     if option != "auto":
         return "in the kept views (test_views=true)" if option else "as they are (test_views=false)"

@@ -312,8 +312,8 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         # Views of a shot in the target bank (indices into dihedral_views); all candidates until choose_shot_views.
         self.register_buffer("shot_view_indices", torch.empty(0, dtype=torch.long))
         self.shot_view_indices: torch.Tensor
-        # Views a test image is read in under test_views="auto" (empty: as it is); its size is fixed at fit time, so an
-        # exported graph knows whether to read views without a data-dependent branch.
+        # test_views="auto": the shot views when test images are read in them, else empty. Only its size is used (the
+        # views read are shot_view_indices); it is fixed at fit time, so an export has no data-dependent branch.
         self.register_buffer("test_view_indices", torch.empty(0, dtype=torch.long))
         self.test_view_indices: torch.Tensor
         # Whether the memory bank's source rows live in the target feature space (translated from paired shots).
@@ -427,14 +427,11 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         self, probe_views: Sequence[torch.Tensor], held_out: torch.Tensor, kept: list[int]
     ) -> float:
         """Geometric mean over the kept views ``v > 0`` of median(probe-to-held-out distance in ``v``) / in view 0."""
-        medians = [
-            chunked_knn(probe_views[view], held_out, 1, chunk_size=self.chunk_size)[0][:, 0].median() for view in kept
-        ]
-        tiny = torch.finfo(medians[0].dtype).tiny
-        log_ratios = torch.stack(
-            [median.clamp_min(tiny).log() - medians[0].clamp_min(tiny).log() for median in medians]
+        medians = torch.stack(
+            [chunked_knn(probe_views[view], held_out, 1, chunk_size=self.chunk_size)[0][:, 0].median() for view in kept]
         )
-        return float(log_ratios[1:].mean().exp())
+        log_medians = medians.clamp_min(torch.finfo(medians.dtype).tiny).log()
+        return float((log_medians[1:] - log_medians[0]).mean().exp())
 
     # ------------------------------------------------------------------------------------------------ stage 1
     def perturbation_loss(self, images: torch.Tensor) -> torch.Tensor:
@@ -674,14 +671,14 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
 
         Each view's distance grid is turned back into the image's orientation before averaging, so a patch's value is
         the mean over the readings of the same spot. The views read are those kept for the shots
-        (``shot_view_indices``; none chosen yet: all), under ``"auto"`` the fit-time choice (``test_view_indices``).
-        Views not read are skipped; an export reads every candidate view and weights it by whether it is read, so the
+        (``shot_view_indices``; none chosen yet: all), whatever ``test_views`` says about reading them at all. Views not
+        read are skipped; an export reads every candidate view and weights it by whether it is read, so the
         graph has no branch on the stored choice.
         """
         candidates = self.candidate_views(images)
         square = images.shape[-1] == images.shape[-2]
         kept = torch.ones(len(candidates), device=images.device)
-        views = self.test_view_indices if self.test_views == "auto" else self.shot_view_indices
+        views = self.shot_view_indices
         if views.numel() > 0:  # a comparison, not index_fill_ (whose ONNX lowering logs an ambiguous attribute)
             candidate_index = torch.arange(len(candidates), device=views.device)
             kept = (candidate_index[:, None] == views[None, :]).any(dim=1).to(kept)
