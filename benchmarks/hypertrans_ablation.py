@@ -73,6 +73,7 @@ from anomalib_hypergraph.models.hypertrans.torch_model import (
     dihedral_views,
     flatten_patches,
     image_key,
+    image_root,
     view_probe_split,
 )
 
@@ -301,7 +302,8 @@ def prepare(split: CrossDomainSplit, use_dp: bool, args: argparse.Namespace) -> 
     with torch.no_grad():
         source = torch.stack([model.embed(images) for images in batches(split.source, 1)])  # (N, rows, C)
         test = torch.cat([model.extract(images) for images in batches(split.test)])
-    probes, held_out = view_probe_split([image_key(path) for path in split.source_paths])
+    root = image_root(split.source_paths)  # as the Lightning module keys them: relative to the data set's folder
+    probes, held_out = view_probe_split([image_key(path, root) for path in split.source_paths])
     probe_views = embed_views(model, split.source[probes], views=True)  # (P, V, rows, C)
     return Prepared(
         adapters=model.perturbation.state_dict() if use_dp else None,

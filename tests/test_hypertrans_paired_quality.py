@@ -29,6 +29,7 @@ from anomalib_hypergraph.models.hypertrans.torch_model import (
     HyperTransModel,
     PairedShots,
     image_key,
+    image_root,
     view_probe_split,
 )
 
@@ -83,7 +84,8 @@ def aurocs() -> dict[str, float]:
     model.train_perturbation(lambda: source.split(8), epochs=1, lr=1e-3)
     model.eval()
     with torch.no_grad():
-        probes, held_out = view_probe_split([image_key(path) for path in train])
+        root = image_root(train)
+        probes, held_out = view_probe_split([image_key(path, root) for path in train])
         probe_views = [model.embed(view) for view in model.candidate_views(source[probes])]
         model.choose_shot_views(probe_views, model.embed(source[held_out]))
         target_views = [model.embed(view) for view in model.candidate_views(shot_target)]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
 import pytest
 import torch
 
+from anomalib_hypergraph.data.domains import SOURCE, TARGET
 from anomalib_hypergraph.hypergraph import IncidenceKernel, chunked_knn
+from anomalib_hypergraph.models.hypertrans.lightning_model import key_roots, patch_keys
 from anomalib_hypergraph.models.hypertrans.scoring import CrossDomainScorer
 from anomalib_hypergraph.models.hypertrans.sensor_map import SensorTranslation
 from anomalib_hypergraph.models.hypertrans.torch_model import (
@@ -13,6 +19,8 @@ from anomalib_hypergraph.models.hypertrans.torch_model import (
     VIEW_PROBE_IMAGES,
     HyperTransModel,
     PairedShots,
+    image_key,
+    image_root,
     view_probe_split,
 )
 
@@ -152,11 +160,43 @@ def test_test_views_are_read_only_when_turned_normal_images_stay_as_close() -> N
 
 
 def test_view_probe_split_orders_by_key_and_holds_images_out() -> None:
-    keys = [50, 10, 40, 30, 20, 60, 70]
+    keys = [(index * 37) % 101 for index in range(1, 2 * (VIEW_PROBE_IMAGES + VIEW_HELD_OUT_IMAGES))]
     probes, held_out = view_probe_split(keys)
-    assert [keys[p] for p in probes] == [10, 20, 30, 40][:VIEW_PROBE_IMAGES]
-    assert [keys[p] for p in held_out] == [50, 60, 70][:VIEW_HELD_OUT_IMAGES]
+    ordered = sorted(keys)
+    assert [keys[p] for p in probes] == ordered[:VIEW_PROBE_IMAGES]
+    assert [keys[p] for p in held_out] == ordered[VIEW_PROBE_IMAGES : VIEW_PROBE_IMAGES + VIEW_HELD_OUT_IMAGES]
+    assert view_probe_split([30, 10, 20]) == ([1, 2], [0])  # few images: all but one probe, one held out
     assert view_probe_split([5]) == ([], [])
+
+
+def test_the_view_probes_do_not_depend_on_where_the_data_set_lies(tmp_path: Path) -> None:
+    names = [f"train/good/{index:03d}.png" for index in range(60)]
+    here = [str(tmp_path / "a" / "bottle" / name) for name in names]
+    moved = [f"../elsewhere/bottle/{name}" for name in names]
+    keys_here = [image_key(path, image_root(here)) for path in here]
+    keys_moved = [image_key(path, image_root(moved)) for path in moved]
+    assert keys_here == keys_moved
+    assert view_probe_split(keys_here) == view_probe_split(keys_moved)
+    assert len(set(keys_here)) == len(names)  # still one key per image
+    assert image_key(here[0]) != image_key(moved[0])  # without a root the whole path counts
+    torch.testing.assert_close(
+        patch_keys(here[:2], 4, torch.device("cpu"), root=image_root(here)),
+        patch_keys(moved[:2], 4, torch.device("cpu"), root=image_root(moved)),
+    )
+
+
+def test_key_roots_read_each_domains_folder_from_its_dataset(tmp_path: Path) -> None:
+    def loader(folder: str) -> SimpleNamespace:
+        paths = [str(tmp_path / folder / "train" / "good" / f"{index}.png") for index in range(3)]
+        return SimpleNamespace(dataset=SimpleNamespace(samples=pd.DataFrame({"image_path": paths})))
+
+    roots = key_roots({SOURCE: loader("rgb_set"), TARGET: loader("depth_set")})
+    assert roots == {
+        SOURCE: str(tmp_path / "rgb_set" / "train" / "good"),
+        TARGET: str(tmp_path / "depth_set" / "train" / "good"),
+    }
+    assert key_roots(loader("only"))[TARGET] == str(tmp_path / "only" / "train" / "good")
+    assert key_roots({TARGET: SimpleNamespace(dataset=[1, 2])}) == {SOURCE: None, TARGET: None}
 
 
 def test_paired_shots_translate_the_source_bank_and_set_the_union_units() -> None:

@@ -62,6 +62,7 @@ from .torch_model import (
     ViewReport,
     flatten_patches,
     image_key,
+    image_root,
     view_probe_split,
 )
 
@@ -300,6 +301,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         # Staging of the bank epoch (not in checkpoints): shots and their pairs in every view, the view probes.
         self._stage = HypergraphMemoryBank(domains=(TARGET, PAIRED_SOURCE, VIEW_PROBE), persistent=False)
         self._probe_key_limit = 0
+        self._key_roots: dict[str, str | None] = {}
         self._num_views = 1
 
     # ------------------------------------------------------------------------------------------ anomalib API
@@ -355,6 +357,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         """Seed the order of the training images; shorten stage 1 when ``max_epochs`` cannot hold it and the banks."""
         seed_shuffling(self.trainer.train_dataloader, self.seed)
         self._probe_key_limit = probe_key_limit(self.trainer.train_dataloader)
+        self._key_roots = key_roots(self.trainer.train_dataloader)
         max_epochs = self.trainer.max_epochs
         planned = self.epochs_perturbation
         if max_epochs is not None and max_epochs >= 0 and planned >= max_epochs:
@@ -395,13 +398,13 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             self._finish_fit()
         return None
 
-    def _stage_views(self, domain: str, images: torch.Tensor, paths: Sequence[str]) -> None:
-        """Stage the patch rows of ``images`` in every candidate view, keyed by ``paths`` and the view."""
+    def _stage_views(self, domain: str, images: torch.Tensor, paths: Sequence[str], root: str | None) -> None:
+        """Stage the patch rows of ``images`` in every candidate view, keyed by ``paths`` (below ``root``) and view."""
         views = self.model.candidate_views(images)
         self._num_views = max(self._num_views, len(views))
         for view_index, view in enumerate(views):
             features = self.model.extract(view)
-            keys = patch_keys(paths, features.shape[-2] * features.shape[-1], features.device, view_index)
+            keys = patch_keys(paths, features.shape[-2] * features.shape[-1], features.device, view_index, root)
             self._stage.add(domain, flatten_patches(features), keys)
 
     def _stage_bank_batch(self, source: Batch | None, target: Batch, pairs: Batch | None) -> None:
@@ -413,18 +416,25 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         after sorting by key row ``i`` of one is the pair of row ``i`` of the other. Which views enter the target bank
         is decided in :meth:`_finish_fit`.
         """
+        source_root, target_root = self._key_roots.get(SOURCE), self._key_roots.get(TARGET)
         if source is not None:
             features = self.model.extract(source.image)
-            keys = patch_keys(source.image_path, features.shape[-2] * features.shape[-1], features.device)
+            patches = features.shape[-2] * features.shape[-1]
+            keys = patch_keys(source.image_path, patches, features.device, root=source_root)
             self.model.memory_bank.add(SOURCE, flatten_patches(features), keys)
-            probes = [index for index, path in enumerate(source.image_path) if image_key(path) < self._probe_key_limit]
+            probes = [
+                index
+                for index, path in enumerate(source.image_path)
+                if image_key(path, source_root) < self._probe_key_limit
+            ]
             if probes:
-                self._stage_views(VIEW_PROBE, source.image[probes], [source.image_path[index] for index in probes])
+                probe_paths = [source.image_path[index] for index in probes]
+                self._stage_views(VIEW_PROBE, source.image[probes], probe_paths, source_root)
             self._staged_domains.add(SOURCE)
-        self._stage_views(TARGET, target.image, target.image_path)
+        self._stage_views(TARGET, target.image, target.image_path, target_root)
         self._staged_domains.add(TARGET)
         if pairs is not None:
-            self._stage_views(PAIRED_SOURCE, pairs.image, target.image_path)
+            self._stage_views(PAIRED_SOURCE, pairs.image, target.image_path, target_root)
             self._staged_domains.add(PAIRED_SOURCE)
 
     def _finish_fit(self) -> None:
@@ -560,12 +570,15 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
                 yield images
 
 
-def patch_keys(image_paths: Sequence[str], patches_per_image: int, device: torch.device, view: int = 0) -> torch.Tensor:
+def patch_keys(
+    image_paths: Sequence[str], patches_per_image: int, device: torch.device, view: int = 0, root: str | None = None
+) -> torch.Tensor:
     """Stable int64 key per patch: 44 bits of the image path's SHA-1, the view index (4 bits), the patch index.
 
     Keys let the memory bank drop the duplicates that DDP padding and cycled target loaders produce, and give the bank
     a row order that does not depend on how images were spread over ranks. ``view`` tells the augmented views of one
-    target shot apart (see ``HyperTransModel.shot_views``).
+    target shot apart (see ``HyperTransModel.shot_views``). ``root``: the data set's folder; paths are hashed relative
+    to it (:func:`~.torch_model.image_key`), so keys and the view probes they pick do not depend on where it lies.
     """
     if patches_per_image >= 2**PATCH_INDEX_BITS:
         msg = f"{patches_per_image} patches per image exceed the {2**PATCH_INDEX_BITS} that patch keys can index."
@@ -573,7 +586,7 @@ def patch_keys(image_paths: Sequence[str], patches_per_image: int, device: torch
     if not 0 <= view < 2**VIEW_INDEX_BITS:
         msg = f"view must be in [0, {2**VIEW_INDEX_BITS}), got {view}."
         raise ValueError(msg)
-    image_keys = torch.tensor([image_key(path) for path in image_paths], dtype=torch.long, device=device)
+    image_keys = torch.tensor([image_key(path, root) for path in image_paths], dtype=torch.long, device=device)
     patch_index = torch.arange(patches_per_image, dtype=torch.long, device=device)
     prefix = ((image_keys << VIEW_INDEX_BITS) | view) << PATCH_INDEX_BITS
     return (prefix[:, None] | patch_index[None, :]).reshape(-1)
@@ -591,6 +604,22 @@ def probe_key_limit(loaders: object) -> int:
         return 0
     count = len(iterables[SOURCE].dataset)
     return int(min(1.0, 3 * VIEW_PROBE_IMAGES / max(count, 1)) * 2**IMAGE_KEY_BITS)
+
+
+def key_roots(loaders: object) -> dict[str, str | None]:
+    """Return the folder of each domain's training images (:func:`~.torch_model.image_root`): its image keys' root.
+
+    Read from the datasets behind the loaders, which every rank holds whole, so all ranks agree. A domain whose
+    dataset lists no image paths gets None (its keys hash the whole path).
+    """
+    iterables = getattr(loaders, "iterables", loaders)
+    loaders_by_domain = iterables if isinstance(iterables, dict) else {TARGET: iterables}
+    roots: dict[str, str | None] = {}
+    for domain in (SOURCE, TARGET):
+        samples = getattr(getattr(loaders_by_domain.get(domain), "dataset", None), "samples", None)
+        paths = samples["image_path"].tolist() if samples is not None and "image_path" in samples else []
+        roots[domain] = image_root(paths)
+    return roots
 
 
 def _describe_fusion(report: BankReport) -> str:

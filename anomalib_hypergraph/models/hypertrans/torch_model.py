@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,8 @@ logger = logging.getLogger(__name__)
 
 DOMAINS = (TARGET, SOURCE)  # vertex order of the cross-domain hypergraph: target rows first
 SHORTLIST_MARGIN = 4  # extra exact candidates per search, see HyperTransModel._search_banks
-VIEW_PROBE_IMAGES = 4  # source images seen in every view for the choice of shot views (choose_shot_views)
-VIEW_HELD_OUT_IMAGES = 16  # further source images whose patches that choice matches against the probes
+VIEW_PROBE_IMAGES = 8  # source images seen in every view for the choice of shot views (choose_shot_views)
+VIEW_HELD_OUT_IMAGES = 32  # further source images whose patches that choice matches against the probes
 ShotAugmentation = Literal["auto", "dihedral", "none"]
 TestViews = bool | Literal["auto"]
 
@@ -817,15 +818,28 @@ def undo_dihedral_view(grid: torch.Tensor, index: int, *, square: bool = True) -
     return restored.flip(-1) if index >= 4 else restored
 
 
-def image_key(path: str | Path) -> int:
-    """Stable 44-bit key of an image path (a SHA-1 prefix): the same on every rank, run and machine."""
-    return int(hashlib.sha1(str(path).encode()).hexdigest()[:11], 16)
+def image_key(path: str | Path, root: str | Path | None = None) -> int:
+    """Stable 44-bit key of an image path (a SHA-1 prefix): the same on every rank, run, machine and folder.
+
+    ``root`` (the data set's folder, :func:`image_root`): the key hashes the path relative to it, so the same data set
+    gives the same keys wherever it lies, and with them the same view probes (:func:`view_probe_split`). Without a
+    root the whole path string is hashed.
+    """
+    relative = Path(os.path.relpath(path, root)).as_posix() if root is not None else str(path)
+    return int(hashlib.sha1(relative.encode()).hexdigest()[:11], 16)
+
+
+def image_root(paths: Iterable[str | Path]) -> str | None:
+    """Return the deepest folder holding all ``paths`` (None without paths): the root of :func:`image_key`."""
+    folders = [os.path.dirname(os.path.abspath(path)) for path in paths]
+    return os.path.commonpath(folders) if folders else None
 
 
 def view_probe_split(keys: Sequence[int]) -> tuple[list[int], list[int]]:
     """Positions of the probe images and of the held-out images for :meth:`HyperTransModel.choose_shot_views`.
 
-    The images are ordered by key (:func:`image_key`, a hash, so the order is an arbitrary but fixed sample): the first
+    The images are ordered by key (:func:`image_key` relative to the data set's root, a hash, so the order is an
+    arbitrary but fixed sample that does not depend on where the data set lies): the first
     :data:`VIEW_PROBE_IMAGES` are the probes, the next :data:`VIEW_HELD_OUT_IMAGES` are held out. With fewer than two
     images there is nothing to hold out (both lists may be short or empty).
     """
