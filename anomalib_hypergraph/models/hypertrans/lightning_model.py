@@ -592,6 +592,12 @@ def patch_keys(
     return (prefix[:, None] | patch_index[None, :]).reshape(-1)
 
 
+def loaders_by_domain(loaders: object) -> dict[str, object]:
+    """Return the training loaders by domain from ``trainer.train_dataloader`` (a single loader: the target's)."""
+    iterables = getattr(loaders, "iterables", loaders)
+    return iterables if isinstance(iterables, dict) else {TARGET: iterables}
+
+
 def probe_key_limit(loaders: object) -> int:
     """Image keys below this limit are view-probe candidates: about three times :data:`VIEW_PROBE_IMAGES` images.
 
@@ -599,10 +605,10 @@ def probe_key_limit(loaders: object) -> int:
     the probes of :func:`~.torch_model.view_probe_split` among them; only these are seen in every view while the banks
     are filled. 0 without a source loader.
     """
-    iterables = getattr(loaders, "iterables", loaders)
-    if not isinstance(iterables, dict) or iterables.get(SOURCE) is None:
+    source = loaders_by_domain(loaders).get(SOURCE)
+    if source is None:
         return 0
-    count = len(iterables[SOURCE].dataset)
+    count = len(source.dataset)
     return int(min(1.0, 3 * VIEW_PROBE_IMAGES / max(count, 1)) * 2**IMAGE_KEY_BITS)
 
 
@@ -612,11 +618,10 @@ def key_roots(loaders: object) -> dict[str, str | None]:
     Read from the datasets behind the loaders, which every rank holds whole, so all ranks agree. A domain whose
     dataset lists no image paths gets None (its keys hash the whole path).
     """
-    iterables = getattr(loaders, "iterables", loaders)
-    loaders_by_domain = iterables if isinstance(iterables, dict) else {TARGET: iterables}
+    by_domain = loaders_by_domain(loaders)
     roots: dict[str, str | None] = {}
     for domain in (SOURCE, TARGET):
-        samples = getattr(getattr(loaders_by_domain.get(domain), "dataset", None), "samples", None)
+        samples = getattr(getattr(by_domain.get(domain), "dataset", None), "samples", None)
         paths = samples["image_path"].tolist() if samples is not None and "image_path" in samples else []
         roots[domain] = image_root(paths)
     return roots
