@@ -34,7 +34,8 @@ dihedral views), then the max-pooled nearest-neighbour distance of each mapped t
     python benchmarks/hypertrans_ablation.py --ablation paired --dataset metal_plate
 
 Cells are mean over seeds (and categories) of image AUROC / pixel AUROC / AU-PRO@0.3; the lines under each table give
-HyperTrans (with and without pairs) minus the better stock PatchCore bank per shot count, and the goal margin.
+HyperTrans (with and without pairs) minus the better stock PatchCore bank per shot count, and the goal margin; a last
+table gives every row's image AUROC of the good test images against each defect type alone (which defects it misses).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ ROWS = {
     "  - view choice (all dihedral views)": ("all_views", {}),
     "  - shot views (none)": ("no_views", {}),
     "  - top-1% pooling (max)": ("default", {"image_score": "max"}),
+    "  top-5% pooling (top_fraction 0.05)": ("default", {"top_fraction": 0.05}),
     "  - union (Eq. 18-19 evidence weight)": ("default", {"source_fusion": "weighted"}),
     "  test-time views never (test_views=false)": ("default", {"test_views": False}),
     "  test-time views always (test_views=true)": ("default", {"test_views": True}),
@@ -133,6 +135,7 @@ ROWS = {
     "  + HDR on the translated source bank": ("hdr_translated", {}),
     "HyperTrans paper config": ("paper", {"domain_weighting": "fixed", "image_score": "max"}),
 }
+KIND_PREFIX = "image_AUROC:"  # metrics() key of the image AUROC of good images against one defect type
 PROBE_ROW = "probe: ridge target->source, max-pooled (the floor)"
 PATCHCORE_ROWS = ("PatchCore target-only", "PatchCore source+target")
 # Not stock anomalib: PatchCore given the dihedral shot views in its target bank.
@@ -153,6 +156,7 @@ class CrossDomainSplit:
     test_labels: np.ndarray
     test_visible: np.ndarray  # defects the target sensor can see (all for the sensor-shift sets)
     test_contamination: np.ndarray  # colour-only contamination (synthetic only)
+    test_kinds: np.ndarray  # defect type of every test image ("good" for normal ones), for the per-type AUROC
     test_masks: torch.Tensor
 
 
@@ -201,6 +205,7 @@ def sensor_shift_split(dataset: str, source_images: int | None) -> CrossDomainSp
         test_labels=np.array([p.parent.name != "good" for p in test], dtype=int),
         test_visible=np.ones(len(test), dtype=bool),
         test_contamination=np.zeros(len(test), dtype=bool),
+        test_kinds=np.array([p.parent.name for p in test]),
         test_masks=torch.stack([load_mask(m) for m in masks]),
     )
 
@@ -227,6 +232,7 @@ def synthetic_split(root: Path, category: str) -> CrossDomainSplit:
         test_labels=(kinds != "good").astype(int),
         test_visible=kinds != "contamination",
         test_contamination=kinds == "contamination",
+        test_kinds=kinds,
         test_masks=torch.stack([load_mask(p.parents[1] / "gt" / f"{p.stem}.png") for p in test_xyz]),
     )
 
@@ -498,6 +504,9 @@ def metrics(split: CrossDomainSplit, scores: torch.Tensor, maps: torch.Tensor) -
     if split.test_contamination.any():
         chosen = split.test_contamination | (split.test_labels == 0)
         result["contamination_AUROC"] = roc_auc_score(split.test_labels[chosen], scores[chosen])
+    for kind in sorted(set(split.test_kinds[visible]) - {"good"}):  # which defects a row misses
+        chosen = (split.test_kinds == kind) | (split.test_labels == 0)
+        result[f"{KIND_PREFIX}{kind}"] = roc_auc_score(split.test_labels[chosen], scores[chosen])
     return result
 
 
@@ -553,6 +562,32 @@ def print_table(title: str, results: dict, shots: Sequence[int], extras: dict) -
                     margin = min(0.05 if k == 1 else 0.10, (1 - best) / 2) if row == DEFAULT_ROW else -0.005
                     goal = f"(goal {margin:+.3f})"
             print(f"  {k}-shot: " + " / ".join(deltas) + f" {goal}")
+    print_kinds(results, shots)
+
+
+def print_kinds(results: dict, shots: Sequence[int]) -> None:
+    """Image AUROC of the good test images against each defect type alone, per row: which defects a row misses."""
+    kinds = sorted({key for runs in results.values() for run in runs for key in run if key.startswith(KIND_PREFIX)})
+    if not kinds:
+        return
+    names = [kind.removeprefix(KIND_PREFIX) for kind in kinds]
+    print(f"\nimage AUROC per defect type (good vs that type; {'/'.join(map(str, shots))} shots):\n")
+    header = "| variant | " + " | ".join(names) + " |"
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for name in [*ROWS, PROBE_ROW, *PATCHCORE_ROWS, AUGMENTED_PATCHCORE_ROW]:
+        if not results[(name, shots[0])]:
+            continue
+        cells = [
+            " / ".join(
+                f"{mean([run[kind] for run in results[(name, k)] if kind in run]):.3f}"
+                if any(kind in run for run in results[(name, k)])
+                else "-"
+                for k in shots
+            )
+            for kind in kinds
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
