@@ -64,7 +64,7 @@ from anomalib_hypergraph.backbones import backbone_normalization
 from anomalib_hypergraph.backbones.efficientnet_lite import efficientnet_lite_state_dict
 from anomalib_hypergraph.data import SYNTHETIC_CATEGORIES, generate_synthetic_mvtec3d, render_depth_image, select_shots
 from anomalib_hypergraph.data.domains import SOURCE, TARGET
-from anomalib_hypergraph.data.sensor_shift import simulate_sensor
+from anomalib_hypergraph.data.sensor_shift import SENSORS, rgb_view, simulate_sensor
 from anomalib_hypergraph.hypergraph import chunked_knn, greedy_coreset
 from anomalib_hypergraph.models.hypertrans.scoring import CrossDomainScorer
 from anomalib_hypergraph.models.hypertrans.sensor_map import SensorTranslation
@@ -161,8 +161,12 @@ class CrossDomainSplit:
 
 
 def load_image(path: Path | str) -> torch.Tensor:
-    array = np.asarray(Image.open(path).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+    return as_tensor(Image.open(path).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC))
+
+
+def as_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a (3, H, W) float tensor in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
 
 
 def load_mask(path: Path | None) -> torch.Tensor:
@@ -172,12 +176,13 @@ def load_mask(path: Path | None) -> torch.Tensor:
     return torch.from_numpy(np.asarray(mask) > 127).float()
 
 
-def sensor_shift_split(dataset: str, source_images: int | None) -> CrossDomainSplit:
+def sensor_shift_split(dataset: str, source_images: int | None, sensor: str = "grey") -> CrossDomainSplit:
     """An MVTec-layout category of ../shared/data seen by two sensors: RGB source, :func:`simulate_sensor` target.
 
     Source = the first ``source_images`` RGB train images by name (``None``: all); target pool = every train image
     through the simulated sensor, each paired with its own RGB image (the same part before and after the upgrade);
-    test = every test image through the sensor.
+    test = every test image through the sensor. The RGB images are seen by the camera beside ``sensor``
+    (:func:`rgb_view`: displaced for ``red``), the masks keep the target's geometry.
     """
     root = SHARED_DATA.joinpath(*SENSOR_SHIFT_SETS[dataset])
     if not root.is_dir():
@@ -185,17 +190,16 @@ def sensor_shift_split(dataset: str, source_images: int | None) -> CrossDomainSp
         raise SystemExit(msg)
 
     def transformed(path: Path) -> torch.Tensor:
-        styled = simulate_sensor(Image.open(path), path.relative_to(root).as_posix(), IMAGE_SIZE)
-        return torch.from_numpy(np.asarray(styled).copy()).permute(2, 0, 1).float() / 255
+        return as_tensor(simulate_sensor(Image.open(path), path.relative_to(root).as_posix(), IMAGE_SIZE, sensor))
 
     train = sorted((root / "train" / "good").glob("*.png"))
     test = sorted((root / "test").glob("*/*.png"))
     masks = [
         None if p.parent.name == "good" else root / "ground_truth" / p.parent.name / f"{p.stem}_mask.png" for p in test
     ]
-    rgb = torch.stack([load_image(p) for p in train])
+    rgb = torch.stack([as_tensor(rgb_view(Image.open(p), IMAGE_SIZE, sensor)) for p in train])
     return CrossDomainSplit(
-        name=dataset,
+        name=dataset if sensor == "grey" else f"{dataset} ({sensor} sensor)",
         source=rgb[:source_images],
         source_paths=[str(p) for p in train[:source_images]],
         target_pool=torch.stack([transformed(p) for p in train]),
@@ -614,6 +618,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="sensor-shift sets: the first N RGB train images (by name) form the source (default: bottle 60, else all)",
     )
     parser.add_argument(
+        "--sensor",
+        choices=tuple(SENSORS),
+        default="grey",
+        help="sensor-shift sets: the simulated target sensor (red: a second, independent check, RGB not registered)",
+    )
+    parser.add_argument(
         "--ablation",
         choices=tuple(ABLATIONS),
         default="all",
@@ -632,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for dataset in DATASETS if args.dataset == "all" else (args.dataset,):
         if dataset in SENSOR_SHIFT_SETS:
             source_images = args.source_images or (60 if dataset == "bottle" else None)
-            splits = [sensor_shift_split(dataset, source_images)]
+            splits = [sensor_shift_split(dataset, source_images, args.sensor)]
         else:
             root = generate_synthetic_mvtec3d(
                 args.synthetic_root,
