@@ -96,6 +96,7 @@ class Pipeline:
     source: bool = True  # source images at all (else a single-domain run on the shots)
     pairs: bool = True  # paired shots given to fit_banks
     rectify_translated: bool = False  # rectify_translated_source: HDR also on the translated source bank
+    direction: str = "auto"  # translation_direction: how the paired shots bridge the sensors
 
 
 PIPELINES = {
@@ -107,13 +108,15 @@ PIPELINES = {
     "no_dp": Pipeline(dp=False),
     "no_hdr": Pipeline(hdr=False),
     "hdr_translated": Pipeline(rectify_translated=True),
+    "bank": Pipeline(direction="bank"),
+    "query": Pipeline(direction="query"),
     "paper": Pipeline(views="none", pairs=False),
 }
 ABLATIONS = {
     "all": tuple(PIPELINES),
     "extensions": ("default", "no_pairs", "no_source", "all_views", "no_views", "paper"),
     "goals": ("default", "no_pairs", "no_source"),
-    "paired": ("default",),
+    "paired": ("default", "bank", "query"),
 }
 # Rows: (pipeline, scorer options). The defaults are HyperTrans' defaults.
 DEFAULT_ROW = "HyperTrans (default, paired shots)"
@@ -127,6 +130,8 @@ ROWS = {
     "  - top-1% pooling (max)": ("default", {"image_score": "max"}),
     "  top-5% pooling (top_fraction 0.05)": ("default", {"top_fraction": 0.05}),
     "  - union (Eq. 18-19 evidence weight)": ("default", {"source_fusion": "weighted"}),
+    "  source bank translated always (translation_direction=bank)": ("bank", {}),
+    "  queries mapped always (translation_direction=query)": ("query", {}),
     "  test-time views never (test_views=false)": ("default", {"test_views": False}),
     "  test-time views always (test_views=true)": ("default", {"test_views": True}),
     "  test-time views always, max pooling": ("default", {"test_views": True, "image_score": "max"}),
@@ -266,6 +271,7 @@ def hypertrans_model(pipeline: Pipeline, seed: int) -> HyperTransModel:
         use_domain_perturbation=pipeline.dp,
         use_rectification=pipeline.hdr,
         rectify_translated_source=pipeline.rectify_translated,
+        translation_direction=pipeline.direction,
         shot_augmentation=pipeline.views,
         seed=seed,
     )
@@ -345,6 +351,7 @@ class PipelineResult:
     fallback_share: float
     translated: bool
     units: tuple[float, float] | None
+    direction: str | None  # how the paired shots bridged the sensors ("bank" / "query"; None without pairs)
     kept_views: list[int]
     view_distance_ratio: float | None  # the evidence of test_views="auto" (ViewReport)
     reads_test_views: bool  # the model's own choice (test_views="auto")
@@ -420,6 +427,7 @@ def run_pipeline(
         fallback_share=report.fallback_share,
         translated=report.translation is not None,
         units=report.units if report.translation is not None else None,
+        direction=report.direction,
         kept_views=kept,
         view_distance_ratio=views.view_distance_ratio,
         reads_test_views=model.reads_test_views,
@@ -443,7 +451,9 @@ def score_row(result: PipelineResult, options: dict) -> tuple[torch.Tensor, torc
     fusion = scorer.fit(result.connectivity, translated_source=result.translated, units=result.units)
     with torch.no_grad():
         scores, maps = scorer(distances[TARGET], distances.get(SOURCE), result.model.kernel, (IMAGE_SIZE, IMAGE_SIZE))
-    return scores, maps, fusion if fusion != "weighted" else f"w={float(scorer.source_weight):.2f}"
+    if fusion == "weighted":
+        return scores, maps, f"w={float(scorer.source_weight):.2f}"
+    return scores, maps, f"{fusion} ({result.direction})" if fusion == "union" and result.direction else fusion
 
 
 def patchcore_model() -> PatchcoreModel:
@@ -628,8 +638,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=tuple(ABLATIONS),
         default="all",
         help="extensions: leave out the rows that need a separate DP or HDR pipeline; goals: only the goals' rows "
-        "(paired, - pairs, - source images, PatchCore); paired: only the paired default beside the probe and "
-        "PatchCore",
+        "(paired, - pairs, - source images, PatchCore); paired: only the paired default (and each "
+        "translation direction forced) beside the probe and PatchCore",
     )
     args = parser.parse_args(argv)
     pipeline_names = list(ABLATIONS[args.ablation])

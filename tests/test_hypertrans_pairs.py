@@ -201,7 +201,7 @@ def test_key_roots_read_each_domains_folder_from_its_dataset(tmp_path: Path) -> 
 
 def test_paired_shots_translate_the_source_bank_and_set_the_union_units() -> None:
     generator = torch.Generator().manual_seed(3)
-    model = views_model("dihedral")
+    model = views_model("dihedral", translation_direction="bank")
     channels = model.feature_extractor.feature_dim
     sensor = torch.randn(channels, channels, generator=generator) / channels**0.5
     shots_source = torch.randn(2 * 4 * 16, channels, generator=generator)
@@ -239,7 +239,7 @@ def test_hdr_runs_on_a_translated_source_bank_only_on_request(
     paired: bool, rectify_translated_source: bool, rectified: bool
 ) -> None:
     generator = torch.Generator().manual_seed(5)
-    model = views_model("none", rectify_translated_source=rectify_translated_source)
+    model = views_model("none", rectify_translated_source=rectify_translated_source, translation_direction="bank")
     channels = model.feature_extractor.feature_dim
     shots_source = torch.randn(2 * 16, channels, generator=generator)
     pairs = PairedShots(
@@ -260,3 +260,79 @@ def test_hdr_runs_on_a_translated_source_bank_only_on_request(
         queries = torch.randn(10, channels, generator=generator)
         nearest = model.nearest_distances(queries)
         torch.testing.assert_close(nearest["source"], chunked_knn(queries, model.memory_bank.get("source"), 1)[0][:, 0])
+
+
+def sensor_pairs(
+    generator: torch.Generator, channels: int, *, target_keeps_detail: bool
+) -> tuple[PairedShots, torch.Tensor]:
+    """Paired shots (2 shots x 64 rows) and a source bank holding the shots' captures among other source rows.
+
+    A target sensor that keeps detail sees every source channel (an orthogonal mix, spread wider than its noise), so
+    its queries map back onto their source captures; one that loses detail sees half of them, compressed, so the
+    source bank translated into its space explains its patches more tightly than its patches explain the source.
+    """
+    shots_source = torch.randn(2 * 64, channels, generator=generator)
+    mixing = torch.linalg.qr(torch.randn(channels, channels, generator=generator))[0]
+    if target_keeps_detail:
+        gain, noise = 2.0, 0.3
+    else:
+        mixing[:, channels // 2 :] = 0
+        gain, noise = 0.3, 0.05
+    target = gain * shots_source @ mixing + noise * torch.randn(shots_source.shape, generator=generator)
+    pairs = PairedShots(
+        source=shots_source, target=target, shot=torch.arange(2).repeat_interleave(64), view=torch.zeros(128).long()
+    )
+    return pairs, torch.cat([torch.randn(300, channels, generator=generator), shots_source])
+
+
+@pytest.mark.parametrize(("target_keeps_detail", "expected"), [(True, "query"), (False, "bank")])
+def test_auto_direction_follows_the_held_out_pairs(target_keeps_detail: bool, expected: str) -> None:
+    generator = torch.Generator().manual_seed(11)
+    model = views_model("none")
+    pairs, source_rows = sensor_pairs(
+        generator, model.feature_extractor.feature_dim, target_keeps_detail=target_keeps_detail
+    )
+    model.memory_bank.set("source", source_rows)
+    model.memory_bank.set("target", pairs.target)
+    report = model.fit_banks(iterations=0, lr=1e-3, pairs=pairs)
+    assert set(report.direction_evidence) == {"bank", "query"}
+    assert report.direction == expected
+    assert report.direction_evidence[expected] < report.direction_evidence[{"bank": "query", "query": "bank"}[expected]]
+    assert report.units is not None and report.units[1] == report.direction_evidence[expected]
+    # Only the map of the chosen direction is kept; the bank is translated only in the "bank" direction.
+    assert model.query_translation.is_fitted == (expected == "query")
+    assert model.translation.is_fitted == (expected == "bank")
+    assert bool(model.source_bank_translated) == (expected == "bank")
+
+
+def test_query_direction_maps_queries_and_keeps_the_source_bank_as_captured(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(13)
+    model = views_model("none", translation_direction="query")
+    channels = model.feature_extractor.feature_dim
+    pairs, source_rows = sensor_pairs(generator, channels, target_keeps_detail=True)
+    model.memory_bank.set("source", source_rows)
+    model.memory_bank.set("target", pairs.target[:64])
+    report = model.fit_banks(iterations=3, lr=1e-3, pairs=pairs)
+    assert report.direction == "query" and report.direction_evidence  # forced, yet measured for the units
+    assert report.losses == []  # HDR never joins banks of two feature spaces
+    torch.testing.assert_close(model.memory_bank.get("source"), source_rows)
+    # Unseen target rows of the second shot: mapped into the source space they find their own captures.
+    queries = pairs.target[64:]
+    nearest = model.nearest_distances(queries)
+    mapped = model.query_translation(queries)
+    torch.testing.assert_close(nearest["source"], chunked_knn(mapped, source_rows, 1)[0][:, 0])
+    assert nearest["source"].mean() < 0.5 * chunked_knn(queries, source_rows, 1)[0][:, 0].mean()
+    # The map is state: a reloaded model scores the same, and a later fit without pairs stops mapping queries.
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    reloaded = views_model("none", translation_direction="query")
+    reloaded.load_state_dict(torch.load(path))
+    torch.testing.assert_close(reloaded.nearest_distances(queries)["source"], nearest["source"])
+    model.memory_bank.set("source", source_rows)
+    model.fit_banks(iterations=0, lr=1e-3, pairs=None)
+    assert not model.query_translation.is_fitted
+
+
+def test_an_unknown_translation_direction_is_named() -> None:
+    with pytest.raises(ValueError, match="translation_direction must be one of"):
+        views_model("none", translation_direction="sideways")

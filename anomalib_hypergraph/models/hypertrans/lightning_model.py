@@ -110,6 +110,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "test_view_tolerance",  # decides at fit time whether "auto" reads test views (a buffer holds the result)
             "use_paired_shots",  # translates the source bank at fit time (the banks hold the result)
             "translation_ridge",
+            "translation_direction",  # decides at fit time which map the checkpoint holds
             "rectify_translated_source",  # decides at fit time whether the stored banks are rectified
             "source_fusion",  # sets the fusion buffers the checkpoint holds
             "domain_weighting",  # sets the source weight, a buffer the checkpoint holds
@@ -169,6 +170,9 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         use_paired_shots: when the datamodule pairs each shot with its source-sensor capture (``pair_shots``), learn a
             map from source to target features on the pairs and translate the source bank with it (ours).
         translation_ridge: relative ridge strengths the map chooses from by cross-validation over the shots (or views).
+        translation_direction: ``"auto"`` (default, ours): translate the source bank into the target space or map each
+            query into the source space, whichever the shots' held-out pairs fit more tightly (logged, stored);
+            ``"bank"`` or ``"query"`` force one.
         rectify_translated_source: run HDR also on a translated source bank (default ``False``, ours: the translation,
             fitted on the pairs themselves, replaces the rectification; without pairs HDR runs as in the paper).
         source_fusion: ``"auto"`` (default): a translated source bank joins the target bank as a calibrated union (the
@@ -223,6 +227,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         use_cross_domain_scoring: bool = True,
         use_paired_shots: bool = True,
         translation_ridge: Sequence[float] = DEFAULT_RIDGE_CANDIDATES,
+        translation_direction: str = "auto",
         rectify_translated_source: bool = False,
         source_fusion: str = "auto",
         seed: int = 0,
@@ -284,6 +289,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             use_cross_domain_scoring=use_cross_domain_scoring,
             use_paired_shots=use_paired_shots,
             translation_ridge=translation_ridge,
+            translation_direction=translation_direction,
             rectify_translated_source=rectify_translated_source,
             source_fusion=source_fusion,
             seed=seed,
@@ -486,12 +492,16 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         )
         if report.translation is not None:
             logger.info(
-                "HyperTrans paired shots: %d patch pairs in %d groups; the source bank is translated into the target "
-                "feature space (ridge %.0e chosen from %s by cross-validation); %s.",
+                "HyperTrans paired shots: %d patch pairs in %d groups; %s (ridge %.0e chosen from %s by "
+                "cross-validation; held-out median distance per direction: %s); %s.",
                 report.translation.pairs,
                 report.translation.groups,
+                "the source bank is translated into the target feature space"
+                if report.direction == "bank"
+                else "queries are mapped into the source feature space",
                 report.translation.ridge,
                 list(report.translation.candidates),
+                {name: round(value, 4) for name, value in report.direction_evidence.items()} or "not measured",
                 "HDR rectifies the translated banks"
                 if report.losses
                 else "HDR left out (rectify_translated_source=False or use_rectification=False)",

@@ -88,6 +88,11 @@ class SensorTranslation(DefaultedState, DynamicBufferMixin, nn.Module):
         """Whether a map has been fitted (or loaded from a checkpoint)."""
         return self.weight.numel() > 0
 
+    def clear(self) -> None:
+        """Forget the map (back to the unfitted state), e.g. when the other direction is used."""
+        self.weight = self.weight.new_empty(0, 0)
+        self.bias = self.bias.new_empty(0)
+
     @torch.no_grad()
     def fit(self, source: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> TranslationReport:
         """Fit the map on paired rows and choose its strength by grouped cross-validation.

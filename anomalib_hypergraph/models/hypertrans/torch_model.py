@@ -30,7 +30,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -64,6 +64,7 @@ VIEW_PROBE_IMAGES = 8  # source images seen in every view for the choice of shot
 VIEW_HELD_OUT_IMAGES = 32  # further source images whose patches that choice matches against the probes
 ShotAugmentation = Literal["auto", "dihedral", "none"]
 TestViews = bool | Literal["auto"]
+TranslationDirection = Literal["auto", "bank", "query"]
 
 
 @dataclass
@@ -78,8 +79,12 @@ class BankReport:
         fallback_share: share of vertices whose pseudo feature (Eq. 10) came from the fallback (NaN without HDR).
         losses: stage-2 loss per iteration (empty without HDR).
         fusion: how the sub-hypergraphs are fused (``"target only"``, ``"union"`` or ``"weighted"``).
-        translation: how the source bank was translated from paired shots (None without pairs).
+        translation: the map fitted on the paired shots in the direction used (None without pairs).
         units: ``(target, source)`` held-out median distances, the units of the union (None for other fusions).
+        direction: how the paired shots bridge the sensors: ``"bank"`` (source bank translated into the target space),
+            ``"query"`` (queries mapped into the source space), None without pairs.
+        direction_evidence: held-out median distance of each direction, ``{"bank": ..., "query": ...}`` (the choice
+            of ``translation_direction="auto"``; empty when a direction was forced or without a second group).
 
     """
 
@@ -92,6 +97,8 @@ class BankReport:
     fusion: str = "target only"
     translation: TranslationReport | None = None
     units: tuple[float, float] | None = None
+    direction: str | None = None
+    direction_evidence: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -189,13 +196,19 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         use_domain_perturbation: ablation switch for DP (adapters are then absent).
         use_rectification: ablation switch for HDR (banks and queries are then used as extracted).
         use_cross_domain_scoring: ablation switch for CDS (off: one nearest-neighbour bank, the union of both).
-        use_paired_shots: when the shots come with pixel-aligned source captures (:class:`PairedShots`), translate the
-            source bank into the target feature space (:mod:`.sensor_map`); ``False`` ignores the pairs.
+        use_paired_shots: when the shots come with pixel-aligned source captures (:class:`PairedShots`), learn a map
+            between the two sensors' features on them (:mod:`.sensor_map`); ``False`` ignores the pairs.
         translation_ridge: relative ridge strengths the translation chooses from by grouped cross-validation.
+        translation_direction: which side of the map the source bank is compared on (ours): ``"bank"`` translates
+            the source bank into the target feature space once; ``"query"`` maps every query patch into the source
+            feature space and compares it with the source bank as captured; ``"auto"`` (default) takes the direction
+            in which held-out normal target patches of the shots lie closer to the source evidence (smaller median
+            held-out distance, :meth:`translate_source_bank`), decided at fit time and stored with the maps.
         rectify_translated_source: whether HDR (Eq. 8-11) also runs once the source bank is translated from paired
             shots. Off by default (ours): the translated bank already lives in the target feature space, fitted on the
             very pairs Eq. 10 would approximate, and HDR's pull of each bank towards the other domain's partners then
-            blurs the defects the translation keeps apart. Without pairs HDR runs as in the paper.
+            blurs the defects the translation keeps apart. Without pairs HDR runs as in the paper; with queries mapped
+            into the source space (``translation_direction``) it never runs, the two banks then live in two spaces.
         source_fusion: how the source sub-hypergraph joins the target one: ``"auto"`` (the calibrated union for a
             translated source bank, Eq. 18-19 weighting otherwise), ``"union"`` or ``"weighted"``
             (:class:`~.scoring.CrossDomainScorer`).
@@ -206,6 +219,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
     # Checkpoints from before paired shots and the choices of views: every shot view kept, source bank not
     # translated, test images read as they are.
     defaulted_state = ("shot_view_indices", "source_bank_translated", "test_view_indices")
+    # (``query_translation``'s map is defaulted by SensorTranslation itself: empty, i.e. queries are not mapped.)
 
     def __init__(
         self,
@@ -239,11 +253,17 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         use_cross_domain_scoring: bool = True,
         use_paired_shots: bool = True,
         translation_ridge: Sequence[float] = DEFAULT_RIDGE_CANDIDATES,
+        translation_direction: TranslationDirection = "auto",
         rectify_translated_source: bool = False,
         source_fusion: SourceFusion = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if translation_direction not in get_args(TranslationDirection):
+            msg = (
+                f"translation_direction must be one of {get_args(TranslationDirection)}, got {translation_direction!r}."
+            )
+            raise ValueError(msg)
         if shot_augmentation not in get_args(ShotAugmentation):
             msg = f"shot_augmentation must be one of {get_args(ShotAugmentation)}, got {shot_augmentation!r}."
             raise ValueError(msg)
@@ -308,7 +328,10 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         )
         self.use_paired_shots = use_paired_shots
         self.rectify_translated_source = rectify_translated_source
-        self.translation = SensorTranslation(translation_ridge)
+        self.translation_direction = translation_direction
+        self.translation = SensorTranslation(translation_ridge)  # source -> target ("bank")
+        # target -> source ("query"); fitted only when queries are mapped, so its shape tells inference what to do.
+        self.query_translation = SensorTranslation(translation_ridge)
         self.memory_bank = HypergraphMemoryBank(domains=(SOURCE, TARGET))
         # Views of a shot in the target bank (indices into dihedral_views); all candidates until choose_shot_views.
         self.register_buffer("shot_view_indices", torch.empty(0, dtype=torch.long))
@@ -503,8 +526,9 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         """Build the cross-domain hypergraph of the banks, run stage 2 (HDR) and store what inference needs.
 
         The memory bank must hold the target bank (and the source bank for two domains). With paired shots (and
-        ``use_paired_shots``), the source bank is first translated into the target feature space (:mod:`.sensor_map`)
-        and the units of the calibrated union are measured on held-out pairs (:meth:`translate_source_bank`). Steps
+        ``use_paired_shots``), the sensors are first bridged (:mod:`.sensor_map`): the source bank translated into the
+        target feature space, or a map for the queries into the source space, and the units of the calibrated union
+        measured on held-out pairs (:meth:`translate_source_bank`). Steps
         (Algorithm 1): one exact k-NN search over the joined banks (target rows first) gives every vertex's hyperedge;
         the kernel scale is fitted on those distances; with HDR (on a translated source bank only with
         ``rectify_translated_source``), pseudo features (Eq. 10) and ``iterations`` Adam steps on Eq. 11; every bank
@@ -521,9 +545,10 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         if not self.memory_bank.has(TARGET):
             msg = "fit_banks needs a target bank: fill memory_bank's 'target' domain first."
             raise RuntimeError(msg)
-        translation, units = None, None
+        translation, units, direction, evidence = None, None, None, {}
+        self.query_translation.clear()  # queries are mapped only when this fit chooses it
         if pairs is not None and self.use_paired_shots and self.memory_bank.has(SOURCE):
-            translation, units = self.translate_source_bank(pairs)
+            translation, units, direction, evidence = self.translate_source_bank(pairs)
         domains = [domain for domain in DOMAINS if self.memory_bank.has(domain)]
         banks = [self.memory_bank.get(domain) for domain in domains]
         features = torch.cat(banks)
@@ -538,7 +563,9 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
 
         losses: list[float] = []
         fallback_share = float("nan")
-        if self.rectification_possible and (translation is None or self.rectify_translated_source):
+        # HDR joins the banks in one hypergraph: never with mapped queries (the source bank keeps its own space).
+        rectify = translation is None or (self.rectify_translated_source and direction == "bank")
+        if self.rectification_possible and rectify:
             assert self.rectifier is not None
             domain = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
             domain[: sizes[0]] = 1  # target rows first
@@ -581,22 +608,36 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             fusion=fusion,
             translation=translation,
             units=units if fusion == "union" else None,
+            direction=direction,
+            direction_evidence=evidence,
         )
 
     @torch.no_grad()
-    def translate_source_bank(self, pairs: PairedShots) -> tuple[TranslationReport, tuple[float, float]]:
-        """Translate the source bank into the target feature space and measure the units of the union (ours).
+    def translate_source_bank(
+        self, pairs: PairedShots
+    ) -> tuple[TranslationReport, tuple[float, float], str, dict[str, float]]:
+        """Bridge the two sensors with a map learnt on the paired shots, in the direction that fits them (ours).
 
-        The map (:class:`~.sensor_map.SensorTranslation`) is fitted on every paired row, its strength chosen by
-        cross-validation over groups of pairs: the shots, or with a single shot its views. The same groups give the
-        units of the calibrated union (:class:`~.scoring.CrossDomainScorer`): each group of target rows (in the views
-        the target bank keeps) is held out in turn and matched against the rest of the target bank and against the
-        source bank translated by the map fitted without it; the units are the medians of those two sets of distances.
-        They are measured on the features as extracted (before HDR, which moves both banks by the same operator).
-        Without a second group the units are equal (a plain union).
+        Two directions can make the source bank judge target patches (:mod:`.sensor_map`): ``"bank"`` translates the
+        source bank into the target feature space (source -> target map), ``"query"`` maps each query patch into the
+        source feature space (target -> source map) and compares it with the source bank as captured. Each map is a
+        ridge regression fitted on every paired row, its strength chosen by cross-validation over groups of pairs
+        (the shots, or with a single shot its views).
+
+        The same groups give held-out evidence: each group of target rows (in the views the target bank keeps) is held
+        out in turn and matched against the rest of the target bank (the target unit), against the source bank
+        translated by the source -> target map fitted without it (``"bank"``), and, mapped by the target -> source
+        map fitted without it, against the source bank as captured (``"query"``). The medians of those distances are
+        the units of the calibrated union (:class:`~.scoring.CrossDomainScorer`). ``translation_direction="auto"``
+        takes the direction with the smaller median: the one in which normal target patches find their source
+        evidence more tightly (a sensor that loses detail maps poorly onto the source; one that keeps it maps well).
+        Both medians are distances between features of the same adapted backbone, so they share one scale. Without a
+        second group there is no held-out evidence: the units are equal and ``"auto"`` takes ``"bank"``. The
+        evidence is measured on the features as extracted (before HDR, which a translated bank skips by default).
 
         Returns:
-            The translation report and the units ``(target, source)``.
+            The report of the map used, the units ``(target, source)``, the direction and its evidence (held-out
+            median per direction measured; empty without a second group).
 
         """
         if bool(self.source_bank_translated):
@@ -604,28 +645,54 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             raise RuntimeError(msg)
         shots = torch.unique(pairs.shot)
         groups = pairs.shot if len(shots) > 1 else pairs.view
-        report = self.translation.fit(pairs.source, pairs.target, groups)
         source = self.memory_bank.get(SOURCE)
         kept = (
             torch.isin(pairs.view, self.shot_view_indices.to(pairs.view.device))
             if self.shot_view_indices.numel()
             else torch.ones_like(pairs.view, dtype=torch.bool)
         )
-        target_distances, source_distances = [], []
-        for label, (weight, bias) in report.held_out_maps.items():
+        candidates = ("bank", "query") if self.translation_direction == "auto" else (self.translation_direction,)
+        maps = {"bank": self.translation, "query": SensorTranslation(self.translation.ridge_candidates)}
+        reports = {
+            "bank": lambda: maps["bank"].fit(pairs.source, pairs.target, groups),
+            "query": lambda: maps["query"].fit(pairs.target, pairs.source, groups),
+        }
+        reports = {direction: reports[direction]() for direction in candidates}
+        target_distances: list[torch.Tensor] = []
+        held_out_distances: dict[str, list[torch.Tensor]] = {direction: [] for direction in candidates}
+        for label in torch.unique(groups).tolist():
             held_out, rest = kept & (groups == label), kept & (groups != label)
-            if not held_out.any() or not rest.any():
+            if not held_out.any() or not rest.any() or label not in reports[candidates[0]].held_out_maps:
                 continue
             queries = pairs.target[held_out]
-            target_distances.append(chunked_knn(queries, pairs.target[rest], 1, chunk_size=self.chunk_size)[0][:, 0])
-            translated = torch.addmm(bias.to(source.device), source, weight.to(source.device))
-            source_distances.append(chunked_knn(queries, translated, 1, chunk_size=self.chunk_size)[0][:, 0])
+            target_distances.append(self._nearest(queries, pairs.target[rest]))
+            for direction in candidates:
+                weight, bias = reports[direction].held_out_maps[label]
+                weight, bias = weight.to(source.device), bias.to(source.device)
+                if direction == "bank":
+                    distance = self._nearest(queries, torch.addmm(bias, source, weight))
+                else:
+                    distance = self._nearest(torch.addmm(bias, queries, weight), source)
+                held_out_distances[direction].append(distance)
+        evidence: dict[str, float] = {}
         units = (1.0, 1.0)
+        direction = candidates[0]
         if target_distances:
-            units = (float(torch.cat(target_distances).median()), float(torch.cat(source_distances).median()))
-        self.memory_bank.set(SOURCE, self.translation(source))
-        self.source_bank_translated = torch.ones((), dtype=torch.bool, device=self.source_bank_translated.device)
-        return report, units
+            evidence = {name: float(torch.cat(values).median()) for name, values in held_out_distances.items()}
+            direction = min(evidence, key=evidence.__getitem__)  # "auto": the direction that fits held-out pairs
+            units = (float(torch.cat(target_distances).median()), evidence[direction])
+        if direction == "bank":
+            self.memory_bank.set(SOURCE, self.translation(source))
+            self.source_bank_translated = torch.ones((), dtype=torch.bool, device=self.source_bank_translated.device)
+        else:
+            self.translation.clear()
+            self.query_translation.weight = maps["query"].weight
+            self.query_translation.bias = maps["query"].bias
+        return reports[direction], units, direction, evidence
+
+    def _nearest(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """Distance of every query row to its nearest bank row (exact, chunked)."""
+        return chunked_knn(queries, bank, 1, chunk_size=self.chunk_size)[0][:, 0]
 
     @torch.no_grad()
     def cross_domain_connectivity(self) -> float | None:
@@ -702,9 +769,15 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
 
         One k-NN search per domain bank on the raw (adapted) features; with HDR the query rows are rectified on the
         union of those candidates (their K nearest bank vertices overall) and each domain's best match is re-ranked
-        among its K raw candidates by the rectified distance.
+        among its K raw candidates by the rectified distance. When paired shots chose the ``"query"`` direction, the
+        source bank is searched with the query rows mapped into the source feature space (never rectified).
         """
         domains = self.fitted_domains()
+        if self.query_translation.is_fitted:  # paired shots, "query" direction (a shape check: no branch on data)
+            searches = self._search_banks(patches, [TARGET]) + self._search_banks(
+                self.query_translation(patches), [SOURCE]
+            )
+            return {domain: distances[:, 0] for domain, (distances, _) in zip(domains, searches, strict=True)}
         searches = self._search_banks(patches, domains)
         if self.rectifier is None or self._domain_buffer("hidden", TARGET).shape[-1] == 0:
             return {domain: distances[:, 0] for domain, (distances, _) in zip(domains, searches, strict=True)}
