@@ -55,12 +55,13 @@ def trained(
 ):
     """A HyperTrans trained by Engine.fit on the synthetic RGB -> depth data, plus its initial adapter weights.
 
-    The datamodule pairs the shot with its RGB capture, so the source bank is translated; HDR is asked for on the
-    translated bank (off by default) so that both stages train under the Engine.
+    The datamodule pairs the shot with its RGB capture, and the source bank is translated (the direction forced, so
+    that HDR can join the banks); HDR is asked for on the translated bank (off by default) so that both stages train
+    under the Engine. The other direction has its own test below.
     """
     torch.manual_seed(0)
     workdir = tmp_path_factory.mktemp("engine")
-    kwargs = {**tiny_hypertrans_kwargs, "rectify_translated_source": True}
+    kwargs = {**tiny_hypertrans_kwargs, "rectify_translated_source": True, "translation_direction": "bank"}
     model = HyperTrans(**kwargs)
     initial_adapters = {k: v.clone() for k, v in model.model.perturbation.state_dict().items()}
     initial_rectifier = {k: v.clone() for k, v in model.model.rectifier.state_dict().items()}
@@ -225,6 +226,31 @@ def test_paired_shots_translate_the_source_bank_and_fuse_by_union(trained: dict)
     assert all(unit > 0 for unit in model.model.scorer.units.tolist())
     assert model.model.shot_view_indices.numel() >= 1
     assert model.model.shot_view_indices[0] == 0  # the shot as it is always stays
+
+
+def test_queries_mapped_into_the_source_space_survive_checkpoint_and_onnx_export(
+    tmp_path: Path, synthetic_root: Path, synthetic_category: str, tiny_hypertrans_kwargs: dict
+) -> None:
+    """The "query" direction: the map is state, so a checkpoint and an ONNX graph score as the trained model does."""
+    torch.manual_seed(0)
+    model = HyperTrans(**{**tiny_hypertrans_kwargs, "translation_direction": "query"})
+    engine = Engine(default_root_dir=tmp_path / "run", accelerator="cpu", devices=1, max_epochs=2, logger=False)
+    engine.fit(model=model, datamodule=make_datamodule(synthetic_root, synthetic_category, k_shot=2))
+    assert model.model.query_translation.is_fitted
+    assert not model.model.translation.is_fitted
+    assert not bool(model.model.source_bank_translated)
+    assert float(model.model.scorer.union_fusion) == 1.0
+    callback = engine.trainer.checkpoint_callback
+    checkpoint = callback.best_model_path or callback.last_model_path
+    restored = HyperTrans.load_from_checkpoint(checkpoint, **{"visualizer": False})
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    model.eval()
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored.model(images).pred_score, model.model(images).pred_score, rtol=0, atol=1e-6)
+    onnxruntime = pytest.importorskip("onnxruntime")
+    exported = engine.export(model=model, export_type=ExportType.ONNX, export_root=tmp_path / "onnx")
+    check_onnx_session(model, onnxruntime.InferenceSession(str(exported)))
 
 
 def test_without_pairs_the_model_ignores_them(
