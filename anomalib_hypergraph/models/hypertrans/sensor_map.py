@@ -10,12 +10,16 @@ as in Crossmodal Feature Mapping (CFM, Costanzino et al., CVPR 2024), which lear
 features on normal pairs.
 
 Direction. Only the target sensor is seen at test time, so a map in either direction makes the source bank usable:
-target -> source (map every query patch, compare it with the source bank) or source -> target (map the source bank
-once, compare the query as it is). We translate the **source bank into the target space**: measured with ridge maps on
-MPDD metal plates and MVTec AD bottle behind our simulated sensor (``benchmarks/hypertrans_ablation.py``), it scored
-higher image AUROC at 1 and 2 shots than mapping the queries, it costs nothing per query (the translated bank is
-computed once and stored), and it puts both banks into one feature space, so the cross-domain hypergraph of HDR
-really connects the domains (Eq. 10 finds other-domain neighbours) and CDS compares distances in the same units.
+source -> target (translate the source bank once, compare the query as it is; ``"bank"``) or target -> source (map
+every query patch, compare it with the source bank as captured; ``"query"``). Which one works depends on the new
+sensor. Behind our grey, 4x coarser simulated sensor (MVTec AD bottle, MPDD metal plates) and from RGB to depth
+(synthetic), the translated bank scored higher: a sensor that loses detail cannot be mapped back onto the source.
+Behind a second simulated sensor that keeps more detail (2x coarser, red-weighted, RGB camera not registered), mapping
+the queries scored far higher (README, "A second sensor"). So the model fits both maps and decides at fit time (``translation_direction="auto"``, the
+default): each group of pairs is held out in turn, and the direction in which the held-out target patches lie closer
+to their source evidence (smaller median nearest distance) is kept, with its map. The translated bank costs nothing
+per query and, alone of the two, lets HDR join both banks in one space; mapping the queries costs one matrix product
+per query.
 
 The map is a ridge regression with an unpenalised bias, fitted on the paired patch rows of the shots (in the views
 that enter the target bank). Its strength is chosen by grouped cross-validation over the pairs (leave one shot out;
@@ -56,7 +60,7 @@ class TranslationReport:
 
 
 class SensorTranslation(DefaultedState, DynamicBufferMixin, nn.Module):
-    """Ridge map from source-sensor patch features to target-sensor patch features, fitted on paired shots.
+    """Ridge map from one sensor's patch features to the other's, fitted on paired shots (either direction).
 
     ``T(x) = x W + b`` with ``W = argmin ||Y - X W - b||^2 + lambda * m * ||W||^2``, where ``m`` is the mean
     squared norm of the centred source rows per channel (so ``lambda`` does not depend on the backbone's feature

@@ -653,11 +653,8 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         )
         candidates = ("bank", "query") if self.translation_direction == "auto" else (self.translation_direction,)
         maps = {"bank": self.translation, "query": SensorTranslation(self.translation.ridge_candidates)}
-        reports = {
-            "bank": lambda: maps["bank"].fit(pairs.source, pairs.target, groups),
-            "query": lambda: maps["query"].fit(pairs.target, pairs.source, groups),
-        }
-        reports = {direction: reports[direction]() for direction in candidates}
+        inputs_outputs = {"bank": (pairs.source, pairs.target), "query": (pairs.target, pairs.source)}
+        reports = {direction: maps[direction].fit(*inputs_outputs[direction], groups) for direction in candidates}
         target_distances: list[torch.Tensor] = []
         held_out_distances: dict[str, list[torch.Tensor]] = {direction: [] for direction in candidates}
         for label in torch.unique(groups).tolist():
