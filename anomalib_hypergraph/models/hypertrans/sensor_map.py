@@ -15,11 +15,11 @@ every query patch, compare it with the source bank as captured; ``"query"``). Wh
 sensor. Behind our grey, 4x coarser simulated sensor (MVTec AD bottle, MPDD metal plates) and from RGB to depth
 (synthetic), the translated bank scored higher: a sensor that loses detail cannot be mapped back onto the source.
 Behind a second simulated sensor that keeps more detail (2x coarser, red-weighted, RGB camera not registered), mapping
-the queries scored far higher (README, "A second sensor"). So the model fits both maps and decides at fit time (``translation_direction="auto"``, the
-default): each group of pairs is held out in turn, and the direction in which the held-out target patches lie closer
-to their source evidence (smaller median nearest distance) is kept, with its map. The translated bank costs nothing
-per query and, alone of the two, lets HDR join both banks in one space; mapping the queries costs one matrix product
-per query.
+the queries scored far higher (README, "A second sensor"). So the model fits both maps and decides at fit time
+(``translation_direction="auto"``, the default): each group of pairs is held out in turn, and the direction in which
+the held-out target patches lie closer to their source evidence (smaller median nearest distance) is kept, with its
+map. The translated bank costs nothing per query and, alone of the two, lets HDR join both banks in one space;
+mapping the queries costs one matrix product per query.
 
 The map is a ridge regression with an unpenalised bias, fitted on the paired patch rows of the shots (in the views
 that enter the target bank). Its strength is chosen by grouped cross-validation over the pairs (leave one shot out;
