@@ -9,6 +9,9 @@ Three data sets (REFERENCES 1; each seeded end to end), all with headroom for a 
   sensor upgrade); the test set is all 83 test images transformed the same way.
 - ``metal_plate``: MPDD metal plates from ``../shared/data/mpdd`` through the same sensor: source = all 50 RGB train
   plates, shots from the transformed train plates (paired with their RGB images), test = the 111 test plates.
+- ``--sensor red`` (bottle and metal_plate): a second simulated target sensor to check the same claims on (red-weighted
+  response, 2x lower resolution, row noise, RGB camera zoomed 4 % and offset by 4 / -3 pixels, so pairs are not
+  pixel-aligned).
 - ``synthetic``: the built-in synthetic MVTec 3D-AD-style data (all four categories), made harder with small, shallow
   defects (``--defect-scale``, default 0.5). Source = RGB train images, target = depth rendered from the XYZ point
   clouds (shots from the train split, each paired with the same sample's RGB image), test = depth of the test split
@@ -32,6 +35,7 @@ dihedral views), then the max-pooled nearest-neighbour distance of each mapped t
     python benchmarks/hypertrans_ablation.py --dataset metal_plate --ablation extensions
     python benchmarks/hypertrans_ablation.py --ablation goals
     python benchmarks/hypertrans_ablation.py --ablation paired --dataset metal_plate
+    python benchmarks/hypertrans_ablation.py --ablation paired --dataset bottle --sensor red
 
 Cells are mean over seeds (and categories) of image AUROC / pixel AUROC / AU-PRO@0.3; the lines under each table give
 HyperTrans (with and without pairs) minus the better stock PatchCore bank per shot count, and the goal margin; a last
