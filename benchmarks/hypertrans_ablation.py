@@ -112,7 +112,7 @@ PIPELINES = {
     "no_dp": Pipeline(dp=False),
     "no_hdr": Pipeline(hdr=False),
     "hdr_translated": Pipeline(rectify_translated=True),
-    "bank": Pipeline(direction="bank"),
+    "auto": Pipeline(direction="auto"),
     "query": Pipeline(direction="query"),
     "paper": Pipeline(views="none", pairs=False),
 }
@@ -120,7 +120,7 @@ ABLATIONS = {
     "all": tuple(PIPELINES),
     "extensions": ("default", "no_pairs", "no_source", "all_views", "no_views", "paper"),
     "goals": ("default", "no_pairs", "no_source"),
-    "paired": ("default", "bank", "query"),
+    "paired": ("default", "auto", "query"),
 }
 # Rows: (pipeline, scorer options). The defaults are HyperTrans' defaults.
 DEFAULT_ROW = "HyperTrans (default, paired shots)"
@@ -134,8 +134,8 @@ ROWS = {
     "  - top-1% pooling (max)": ("default", {"image_score": "max"}),
     "  top-5% pooling (top_fraction 0.05)": ("default", {"top_fraction": 0.05}),
     "  - union (Eq. 18-19 evidence weight)": ("default", {"source_fusion": "weighted"}),
-    "  source bank translated always (translation_direction=bank)": ("bank", {}),
-    "  queries mapped always (translation_direction=query)": ("query", {}),
+    "  direction chosen at fit time (translation_direction=auto)": ("auto", {}),
+    "  queries mapped into the source space (translation_direction=query)": ("query", {}),
     "  test-time views never (test_views=false)": ("default", {"test_views": False}),
     "  test-time views always (test_views=true)": ("default", {"test_views": True}),
     "  test-time views always, max pooling": ("default", {"test_views": True, "image_score": "max"}),
@@ -642,8 +642,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=tuple(ABLATIONS),
         default="all",
         help="extensions: leave out the rows that need a separate DP or HDR pipeline; goals: only the goals' rows "
-        "(paired, - pairs, - source images, PatchCore); paired: only the paired default (and each "
-        "translation direction forced) beside the probe and PatchCore",
+        "(paired, - pairs, - source images, PatchCore); paired: only the paired default (and the other "
+        "translation directions) beside the probe and PatchCore",
     )
     args = parser.parse_args(argv)
     pipeline_names = list(ABLATIONS[args.ablation])

@@ -288,7 +288,7 @@ def sensor_pairs(
 @pytest.mark.parametrize(("target_keeps_detail", "expected"), [(True, "query"), (False, "bank")])
 def test_auto_direction_follows_the_held_out_pairs(target_keeps_detail: bool, expected: str) -> None:
     generator = torch.Generator().manual_seed(11)
-    model = views_model("none")
+    model = views_model("none", translation_direction="auto")
     pairs, source_rows = sensor_pairs(
         generator, model.feature_extractor.feature_dim, target_keeps_detail=target_keeps_detail
     )

@@ -170,9 +170,9 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         use_paired_shots: when the datamodule pairs each shot with its source-sensor capture (``pair_shots``), learn a
             map from source to target features on the pairs and translate the source bank with it (ours).
         translation_ridge: relative ridge strengths the map chooses from by cross-validation over the shots (or views).
-        translation_direction: ``"auto"`` (default, ours): translate the source bank into the target space or map each
-            query into the source space, whichever the shots' held-out pairs fit more tightly (logged, stored);
-            ``"bank"`` or ``"query"`` force one.
+        translation_direction: ``"bank"`` (default, ours): translate the source bank into the target space;
+            ``"query"``: map each query into the source space (for a new sensor that keeps the old one's detail);
+            ``"auto"``: whichever the shots' held-out pairs fit more tightly (logged, stored; see the model README).
         rectify_translated_source: run HDR also on a translated source bank (default ``False``, ours: the translation,
             fitted on the pairs themselves, replaces the rectification; without pairs HDR runs as in the paper).
         source_fusion: ``"auto"`` (default): a translated source bank joins the target bank as a calibrated union (the
@@ -227,7 +227,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         use_cross_domain_scoring: bool = True,
         use_paired_shots: bool = True,
         translation_ridge: Sequence[float] = DEFAULT_RIDGE_CANDIDATES,
-        translation_direction: str = "auto",
+        translation_direction: str = "bank",
         rectify_translated_source: bool = False,
         source_fusion: str = "auto",
         seed: int = 0,
