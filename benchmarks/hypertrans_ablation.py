@@ -100,7 +100,7 @@ class Pipeline:
     source: bool = True  # source images at all (else a single-domain run on the shots)
     pairs: bool = True  # paired shots given to fit_banks
     rectify_translated: bool = False  # rectify_translated_source: HDR also on the translated source bank
-    direction: str = "auto"  # translation_direction: how the paired shots bridge the sensors
+    direction: str = "bank"  # translation_direction: how the paired shots bridge the sensors (model default)
 
 
 PIPELINES = {

@@ -103,13 +103,13 @@ def rgb_view(image: Image.Image, size: int, sensor: str = "grey") -> Image.Image
     resized = image.convert("RGB").resize((size, size), Image.BICUBIC)
     if profile.rgb_zoom == 1.0 and profile.rgb_offset == (0.0, 0.0):
         return resized
-    # Output pixel (x, y) shows input pixel centre + (x - centre - dx) / zoom (inverse affine map for PIL).
+    # Output pixel (x, y) shows input pixel centre + (x - centre - dx) / zoom (PIL takes this inverse map), read from
+    # the image padded by ``size`` on every side so that the view past the border repeats the edge.
     centre, zoom = (size - 1) / 2, profile.rgb_zoom
     dx, dy = profile.rgb_offset
-    coefficients = (1 / zoom, 0.0, centre - (centre + dx) / zoom, 0.0, 1 / zoom, centre - (centre + dy) / zoom)
+    inverse = (1 / zoom, 0.0, centre - (centre + dx) / zoom + size, 0.0, 1 / zoom, centre - (centre + dy) / zoom + size)
     padded = np.pad(np.asarray(resized), ((size, size), (size, size), (0, 0)), mode="edge")
-    shifted = (coefficients[0], 0.0, coefficients[2] + size, 0.0, coefficients[4], coefficients[5] + size)
-    return Image.fromarray(padded).transform((size, size), Image.AFFINE, shifted, resample=Image.BILINEAR)
+    return Image.fromarray(padded).transform((size, size), Image.AFFINE, inverse, resample=Image.BILINEAR)
 
 
 def sensor_profile(sensor: str) -> SensorProfile:

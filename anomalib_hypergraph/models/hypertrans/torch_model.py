@@ -655,14 +655,14 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             else torch.ones_like(pairs.view, dtype=torch.bool)
         )
         candidates = ("bank", "query") if self.translation_direction == "auto" else (self.translation_direction,)
-        maps = {"bank": self.translation, "query": SensorTranslation(self.translation.ridge_candidates)}
+        maps = {"bank": self.translation, "query": self.query_translation}
         inputs_outputs = {"bank": (pairs.source, pairs.target), "query": (pairs.target, pairs.source)}
         reports = {direction: maps[direction].fit(*inputs_outputs[direction], groups) for direction in candidates}
         target_distances: list[torch.Tensor] = []
         held_out_distances: dict[str, list[torch.Tensor]] = {direction: [] for direction in candidates}
         for label in torch.unique(groups).tolist():
             held_out, rest = kept & (groups == label), kept & (groups != label)
-            if not held_out.any() or not rest.any() or label not in reports[candidates[0]].held_out_maps:
+            if not held_out.any() or not rest.any():
                 continue
             queries = pairs.target[held_out]
             target_distances.append(self._nearest(queries, pairs.target[rest]))
@@ -681,13 +681,11 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             evidence = {name: float(torch.cat(values).median()) for name, values in held_out_distances.items()}
             direction = min(evidence, key=evidence.__getitem__)  # "auto": the direction that fits held-out pairs
             units = (float(torch.cat(target_distances).median()), evidence[direction])
+        for other in set(maps) - {direction}:
+            maps[other].clear()  # only the map of the direction used is state
         if direction == "bank":
             self.memory_bank.set(SOURCE, self.translation(source))
             self.source_bank_translated = torch.ones((), dtype=torch.bool, device=self.source_bank_translated.device)
-        else:
-            self.translation.clear()
-            self.query_translation.weight = maps["query"].weight
-            self.query_translation.bias = maps["query"].bias
         return reports[direction], units, direction, evidence
 
     def _nearest(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
