@@ -119,7 +119,7 @@ PIPELINES = {
 ABLATIONS = {
     "all": tuple(PIPELINES),
     "extensions": ("default", "no_pairs", "no_source", "all_views", "no_views", "paper"),
-    "goals": ("default", "no_pairs", "no_source"),
+    "goals": ("default", "no_pairs", "no_source", "query"),
     "paired": ("default", "auto", "query"),
 }
 # Rows: (pipeline, scorer options). The defaults are HyperTrans' defaults.
@@ -642,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=tuple(ABLATIONS),
         default="all",
         help="extensions: leave out the rows that need a separate DP or HDR pipeline; goals: only the goals' rows "
-        "(paired, - pairs, - source images, PatchCore); paired: only the paired default (and the other "
+        "(paired, - pairs, - source images, queries mapped, PatchCore); paired: only the paired default (and the other "
         "translation directions) beside the probe and PatchCore",
     )
     args = parser.parse_args(argv)
