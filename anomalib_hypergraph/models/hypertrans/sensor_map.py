@@ -21,7 +21,9 @@ translated bank costs nothing per query and, alone of the two, lets HDR join bot
 ``translation_direction="auto"`` decides at fit time: each group of pairs is held out in turn, and the direction in
 which the held-out target patches lie closer to their source evidence (smaller median nearest distance) is kept, with
 its map. It chose right on the two simulated sensors and on RGB -> depth, and wrongly on the depth -> RGB demo (the
-medians are distances in two feature spaces), so it is an option, not the default.
+medians are distances in two feature spaces), so it is an option, not the default. Scale-free versions of that
+evidence (medians or map residuals divided by each space's own spacing between shots, or the unexplained share of
+variance) each chose wrongly on one of the simulated sensors, metal plates or the demo (model README).
 
 The map is a ridge regression with an unpenalised bias, fitted on the paired patch rows of the shots (in the views
 that enter the target bank). Its strength is chosen by grouped cross-validation over the pairs (leave one shot out;
