@@ -13,7 +13,7 @@ from anomalib_hypergraph.data.domains import SOURCE, TARGET
 from anomalib_hypergraph.hypergraph import IncidenceKernel, chunked_knn
 from anomalib_hypergraph.models.hypertrans.lightning_model import key_roots, patch_keys
 from anomalib_hypergraph.models.hypertrans.scoring import CrossDomainScorer
-from anomalib_hypergraph.models.hypertrans.sensor_map import SensorTranslation
+from anomalib_hypergraph.models.hypertrans.sensor_map import SensorTranslation, _shift, register_pairs
 from anomalib_hypergraph.models.hypertrans.torch_model import (
     VIEW_HELD_OUT_IMAGES,
     VIEW_PROBE_IMAGES,
@@ -60,6 +60,44 @@ def test_held_out_maps_are_the_fits_without_each_group() -> None:
         weight, bias = report.held_out_maps[label]
         torch.testing.assert_close(weight, alone.weight, atol=1e-5, rtol=0)
         torch.testing.assert_close(bias, alone.bias, atol=1e-5, rtol=0)
+
+
+def smooth_grids(generator: torch.Generator, count: int, channels: int, size: int) -> torch.Tensor:
+    """Feature grids ``(count, channels, size, size)`` that vary smoothly, like a backbone's patch features."""
+    coarse = torch.randn(count, channels, size // 3, size // 3, generator=generator)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+
+
+def as_rows(grids: torch.Tensor) -> torch.Tensor:
+    return grids.permute(0, 2, 3, 1).reshape(-1, grids.shape[1])
+
+
+@pytest.mark.parametrize("offset", [(0.5, -0.5), (-1.0, 0.5), (0.0, 1.0)])
+def test_registration_finds_the_offset_between_the_cameras(offset: tuple[float, float]) -> None:
+    generator = torch.Generator().manual_seed(21)
+    source = smooth_grids(generator, 3, 6, 18)
+    mixing = torch.randn(6, 5, generator=generator)
+    seen = _shift(source, offset)  # the target camera looks at the spot `offset` patches away
+    target = as_rows(seen) @ mixing + 0.01 * torch.randn(3 * 18 * 18, 5, generator=generator)
+    views = torch.zeros(3 * 18 * 18, dtype=torch.long)
+    registered, offsets = register_pairs(as_rows(source), target, views, (18, 18), max_offset=1.0, ridge=0.1)
+    assert offsets == {0: offset}
+    torch.testing.assert_close(registered, as_rows(seen))
+
+
+def test_registration_leaves_aligned_pairs_untouched_and_refuses_broken_grids() -> None:
+    generator = torch.Generator().manual_seed(22)
+    source = as_rows(smooth_grids(generator, 2, 6, 12))
+    noise = 0.01 * torch.randn(source.shape[0], 4, generator=generator)
+    target = source @ torch.randn(6, 4, generator=generator) + noise
+    views = torch.arange(2).repeat_interleave(144)  # two views, one grid each
+    registered, offsets = register_pairs(source, target, views, (12, 12), max_offset=1.0, ridge=0.1)
+    assert offsets == {0: (0.0, 0.0), 1: (0.0, 0.0)}
+    assert torch.equal(registered, source)
+    _, none_tried = register_pairs(source, target, views, (12, 12), max_offset=0.0, ridge=0.1)
+    assert none_tried == {0: (0.0, 0.0), 1: (0.0, 0.0)}
+    with pytest.raises(ValueError, match="not whole 12 x 12 grids"):
+        register_pairs(source[:-1], target[:-1], views[:-1], (12, 12), max_offset=1.0, ridge=0.1)
 
 
 def test_translation_refuses_bad_input_and_unfitted_use() -> None:
@@ -228,6 +266,32 @@ def test_paired_shots_translate_the_source_bank_and_set_the_union_units() -> Non
     assert after < 0.1 * before
     with pytest.raises(RuntimeError, match="already translated"):
         model.translate_source_bank(pairs)
+
+
+def test_misaligned_pairs_are_registered_before_the_map_is_fitted() -> None:
+    generator = torch.Generator().manual_seed(23)
+    model = views_model("none", translation_direction="bank")
+    channels = model.feature_extractor.feature_dim
+    source = smooth_grids(generator, 2, channels, 15)
+    target = as_rows(_shift(source, (0.5, 0.5))).flip(1)  # a channel permutation, half a patch away
+    shots = torch.arange(2).repeat_interleave(225)
+    pairs = PairedShots(
+        source=as_rows(source), target=target, shot=shots, view=torch.zeros(450, dtype=torch.long), grid=(15, 15)
+    )
+    model.memory_bank.set("source", torch.cat([torch.randn(100, channels, generator=generator), as_rows(source)]))
+    model.memory_bank.set("target", target)
+    report = model.fit_banks(iterations=0, lr=1e-3, pairs=pairs)
+    assert report.pair_offsets == {0: (0.5, 0.5)}
+    registered_error = min(report.translation.validation_errors)
+    unregistered = views_model("none", translation_direction="bank", pair_registration=0.0)
+    other_source = torch.randn(100, channels, generator=generator)
+    unregistered.memory_bank.set("source", torch.cat([other_source, as_rows(source)]))
+    unregistered.memory_bank.set("target", target)
+    plain = unregistered.fit_banks(iterations=0, lr=1e-3, pairs=pairs)
+    assert plain.pair_offsets == {}
+    assert registered_error < 0.5 * min(plain.translation.validation_errors)
+    with pytest.raises(ValueError, match="pair_registration"):
+        views_model("none", pair_registration=-1.0)
 
 
 @pytest.mark.parametrize(

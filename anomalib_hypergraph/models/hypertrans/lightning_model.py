@@ -110,6 +110,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "test_view_tolerance",  # decides at fit time whether "auto" reads test views (a buffer holds the result)
             "use_paired_shots",  # translates the source bank at fit time (the banks hold the result)
             "translation_ridge",
+            "pair_registration",  # decides at fit time how the pairs are read (the map the checkpoint holds)
             "translation_direction",  # decides at fit time which map the checkpoint holds
             "rectify_translated_source",  # decides at fit time whether the stored banks are rectified
             "source_fusion",  # sets the fusion buffers the checkpoint holds
@@ -170,6 +171,9 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         use_paired_shots: when the datamodule pairs each shot with its source-sensor capture (``pair_shots``), learn a
             map from source to target features on the pairs and translate the source bank with it (ours).
         translation_ridge: relative ridge strengths the map chooses from by cross-validation over the shots (or views).
+        pair_registration: largest offset, in patches, at which each view's paired source captures may be read to line
+            up with the shots before the map is fitted (ours; half-patch steps chosen at fit time by the map's
+            residual, logged; aligned pairs keep offset 0; 0 takes the pairs as they are).
         translation_direction: ``"bank"`` (default, ours): translate the source bank into the target space;
             ``"query"``: map each query into the source space (for a new sensor that keeps the old one's detail);
             ``"auto"``: whichever the shots' held-out pairs fit more tightly (logged, stored; see the model README).
@@ -227,6 +231,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         use_cross_domain_scoring: bool = True,
         use_paired_shots: bool = True,
         translation_ridge: Sequence[float] = DEFAULT_RIDGE_CANDIDATES,
+        pair_registration: float = 1.0,
         translation_direction: str = "bank",
         rectify_translated_source: bool = False,
         source_fusion: str = "auto",
@@ -289,6 +294,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             use_cross_domain_scoring=use_cross_domain_scoring,
             use_paired_shots=use_paired_shots,
             translation_ridge=translation_ridge,
+            pair_registration=pair_registration,
             translation_direction=translation_direction,
             rectify_translated_source=rectify_translated_source,
             source_fusion=source_fusion,
@@ -309,6 +315,7 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         self._probe_key_limit = 0
         self._key_roots: dict[str, str | None] = {}
         self._num_views = 1
+        self._pair_grid: tuple[int, int] | None = None  # feature grid of the staged shots (whole grids per view)
 
     # ------------------------------------------------------------------------------------------ anomalib API
     @classmethod
@@ -410,6 +417,8 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         self._num_views = max(self._num_views, len(views))
         for view_index, view in enumerate(views):
             features = self.model.extract(view)
+            if domain == TARGET:
+                self._pair_grid = (features.shape[-2], features.shape[-1])
             keys = patch_keys(paths, features.shape[-2] * features.shape[-1], features.device, view_index, root)
             self._stage.add(domain, flatten_patches(features), keys)
 
@@ -476,7 +485,9 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
                 msg = "Paired shots: the paired source captures do not match the target shots one to one."
                 raise RuntimeError(msg)
             _, shot = torch.unique(key_image(target_keys), return_inverse=True)
-            pairs = PairedShots(source=paired_rows, target=target_rows, shot=shot, view=key_view(target_keys))
+            pairs = PairedShots(
+                source=paired_rows, target=target_rows, shot=shot, view=key_view(target_keys), grid=self._pair_grid
+            )
         report = self.model.fit_banks(
             iterations=self.epochs_rectification,
             lr=self.lr_rectification,
@@ -492,10 +503,11 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         )
         if report.translation is not None:
             logger.info(
-                "HyperTrans paired shots: %d patch pairs in %d groups; %s (ridge %.0e chosen from %s by "
-                "cross-validation; held-out median distance per direction: %s); %s.",
+                "HyperTrans paired shots: %d patch pairs in %d groups, read at offsets %s (patches, per view); %s "
+                "(ridge %.0e chosen from %s by cross-validation; held-out median distance per direction: %s); %s.",
                 report.translation.pairs,
                 report.translation.groups,
+                report.pair_offsets or "as they are",
                 "the source bank is translated into the target feature space"
                 if report.direction == "bank"
                 else "queries are mapped into the source feature space",

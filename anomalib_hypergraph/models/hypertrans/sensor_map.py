@@ -39,12 +39,15 @@ from dataclasses import dataclass, field
 import torch
 from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
+from torch.nn import functional
 
 from anomalib_hypergraph.models.state import DefaultedState
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RIDGE_CANDIDATES: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+REGISTRATION_STEP = 0.5  # offsets between paired feature grids are tried in half-patch steps
+REGISTRATION_GAIN = 0.01  # an offset must lower the residual by this share to be taken (noise cannot move pairs)
 
 
 @dataclass
@@ -225,3 +228,85 @@ def _moments(x: torch.Tensor, y: torch.Tensor) -> _Moments:
         xy=x.T @ y,
         yy=float(y.square().sum()),
     )
+
+
+@torch.no_grad()
+def register_pairs(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    groups: torch.Tensor,
+    grid: tuple[int, int],
+    *,
+    max_offset: float,
+    ridge: float,
+) -> tuple[torch.Tensor, dict[int, tuple[float, float]]]:
+    """Line the paired source feature grids up with the target grids, one offset per group (ours).
+
+    Two sensors rarely see a part pixel-aligned: cameras on one line are mounted apart, zoomed and aimed a little
+    differently, so row ``i`` of a source capture may show a spot a few pixels away from row ``i`` of its shot, and a
+    map fitted on such pairs learns a blurred correspondence. The rig is the same for every shot, so each group (a
+    view of every shot: a turned view turns the offset) gets one offset ``(dy, dx)`` in patches, chosen among the
+    multiples of half a patch up to ``max_offset``: the source grids are resampled at that offset (bilinear, borders
+    repeated), a ridge map from them to the target grids is fitted on the inner patches (the outer ring sees the
+    border), and the offset with the smallest residual is kept if it lowers the residual of no offset by at least
+    ``REGISTRATION_GAIN``; otherwise the rows stay as they are, so pairs that are aligned already (one sensor's depth
+    and colour from one sample) are untouched. The residual is in-sample: every offset fits a map with the same number
+    of parameters to the same target rows; with no more inner patches than channels it is zero for every offset, and
+    the group keeps no offset.
+
+    Args:
+        source: source rows ``(n, C_s)``; within a group, whole grids of ``grid`` patches in row-major order.
+        target: the paired target rows ``(n, C_t)``, in the same order.
+        groups: ``(n,)`` group of every row (the view).
+        grid: ``(h, w)`` patches of one feature grid.
+        max_offset: largest offset tried along each axis, in patches (0: none).
+        ridge: relative ridge strength of the maps that judge the offsets (see :class:`SensorTranslation`).
+
+    Returns:
+        The source rows resampled at each group's offset, and the offset per group label.
+
+    Raises:
+        ValueError: a group's rows do not make whole grids.
+
+    """
+    height, width = grid
+    steps = torch.arange(-int(max_offset / REGISTRATION_STEP), int(max_offset / REGISTRATION_STEP) + 1)
+    candidates = [(0.0, 0.0)] + [
+        (float(dy), float(dx)) for dy in steps * REGISTRATION_STEP for dx in steps * REGISTRATION_STEP if dy or dx
+    ]
+    registered = source.clone()
+    offsets: dict[int, tuple[float, float]] = {}
+    for label in torch.unique(groups).tolist():
+        rows = groups == label
+        if int(rows.sum()) % (height * width):
+            msg = f"register_pairs: group {label} has {int(rows.sum())} rows, not whole {height} x {width} grids."
+            raise ValueError(msg)
+        grids = source[rows].reshape(-1, height, width, source.shape[1]).permute(0, 3, 1, 2)
+        inner_target = _inner(target[rows].reshape(-1, height, width, target.shape[1]))
+        errors = []
+        for offset in candidates if inner_target.shape[0] > source.shape[1] else candidates[:1]:
+            moments = _moments(_inner(_shift(grids, offset).permute(0, 2, 3, 1)).double(), inner_target.double())
+            errors.append(moments.squared_error(*moments.solve(ridge)))
+        best = min(range(len(errors)), key=errors.__getitem__)
+        if errors[best] > (1 - REGISTRATION_GAIN) * errors[0]:
+            best = 0  # no offset explains the pairs clearly better than none
+        offsets[int(label)] = candidates[best]
+        if best:
+            registered[rows] = _shift(grids, candidates[best]).permute(0, 2, 3, 1).reshape(-1, source.shape[1])
+    return registered, offsets
+
+
+def _inner(grids: torch.Tensor) -> torch.Tensor:
+    """Rows of ``(N, h, w, C)`` grids without their outer ring (all rows when the grid is too small for one)."""
+    if grids.shape[1] > 2 and grids.shape[2] > 2:
+        grids = grids[:, 1:-1, 1:-1]
+    return grids.reshape(-1, grids.shape[-1])
+
+
+def _shift(grids: torch.Tensor, offset: tuple[float, float]) -> torch.Tensor:
+    """``(N, C, h, w)`` grids resampled ``offset = (dy, dx)`` patches away: ``out[y, x] = in[y + dy, x + dx]``."""
+    count, _, height, width = grids.shape
+    dy, dx = offset
+    theta = grids.new_tensor([[1.0, 0.0, 2 * dx / width], [0.0, 1.0, 2 * dy / height]]).expand(count, 2, 3)
+    sampling = functional.affine_grid(theta, list(grids.shape), align_corners=False)
+    return functional.grid_sample(grids, sampling, mode="bilinear", padding_mode="border", align_corners=False)

@@ -54,7 +54,7 @@ from anomalib_hypergraph.models.state import DefaultedState
 from .perturbation import DomainPerturbation, perturbation_loss
 from .rectification import ResHGNN, pseudo_features, train_rectifier
 from .scoring import CrossDomainScorer, DomainWeighting, ImageScore, SourceFusion
-from .sensor_map import DEFAULT_RIDGE_CANDIDATES, SensorTranslation, TranslationReport
+from .sensor_map import DEFAULT_RIDGE_CANDIDATES, SensorTranslation, TranslationReport, register_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class BankReport:
             ``"query"`` (queries mapped into the source space), None without pairs.
         direction_evidence: held-out median distance of each direction, ``{"bank": ..., "query": ...}`` (the choice
             of ``translation_direction="auto"``; empty when a direction was forced or without a second group).
+        pair_offsets: per view, the offset ``(dy, dx)`` in patches at which the paired source grids were read to line
+            up with the shots' grids (``pair_registration``; empty when the pairs were taken as they are).
 
     """
 
@@ -99,6 +101,7 @@ class BankReport:
     units: tuple[float, float] | None = None
     direction: str | None = None
     direction_evidence: dict[str, float] = field(default_factory=dict)
+    pair_offsets: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +115,8 @@ class PairedShots:
         target: target-sensor rows ``(n, C)`` (the shots through the adapted backbone).
         shot: ``(n,)`` integer id of the shot a row belongs to.
         view: ``(n,)`` index of the dihedral view a row belongs to (see :func:`dihedral_views`).
+        grid: ``(h, w)`` patches of one feature grid when the rows of each shot's view are whole grids in row-major
+            order (as extracted); None when they are not, and the pairs are then taken as they are.
 
     """
 
@@ -119,6 +124,7 @@ class PairedShots:
     target: torch.Tensor
     shot: torch.Tensor
     view: torch.Tensor
+    grid: tuple[int, int] | None = None
 
 
 @dataclass
@@ -199,6 +205,10 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         use_paired_shots: when the shots come with pixel-aligned source captures (:class:`PairedShots`), learn a map
             between the two sensors' features on them (:mod:`.sensor_map`); ``False`` ignores the pairs.
         translation_ridge: relative ridge strengths the translation chooses from by grouped cross-validation.
+        pair_registration: largest offset, in patches, at which each view's paired source grids may be read to line
+            up with the shots' grids before the map is fitted (ours; half-patch steps, chosen by the smallest residual
+            of a ridge map, :func:`~.sensor_map.register_pairs`; 0 takes the pairs as they are). Captures from two
+            cameras are rarely pixel-aligned; aligned pairs keep offset 0 and are used as they are.
         translation_direction: which side of the map the source bank is compared on (ours): ``"bank"`` (default)
             translates the source bank into the target feature space once; ``"query"`` maps every query patch into
             the source feature space and compares it with the source bank as captured (better for a new sensor that
@@ -256,12 +266,16 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         use_cross_domain_scoring: bool = True,
         use_paired_shots: bool = True,
         translation_ridge: Sequence[float] = DEFAULT_RIDGE_CANDIDATES,
+        pair_registration: float = 1.0,
         translation_direction: TranslationDirection = "bank",
         rectify_translated_source: bool = False,
         source_fusion: SourceFusion = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if not pair_registration >= 0:
+            msg = f"pair_registration must be a non-negative number of patches, got {pair_registration!r}."
+            raise ValueError(msg)
         if translation_direction not in get_args(TranslationDirection):
             msg = (
                 f"translation_direction must be one of {get_args(TranslationDirection)}, got {translation_direction!r}."
@@ -332,6 +346,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         self.use_paired_shots = use_paired_shots
         self.rectify_translated_source = rectify_translated_source
         self.translation_direction = translation_direction
+        self.pair_registration = float(pair_registration)
         self.translation = SensorTranslation(translation_ridge)  # source -> target ("bank")
         # target -> source ("query"); fitted only when queries are mapped, so its shape tells inference what to do.
         self.query_translation = SensorTranslation(translation_ridge)
@@ -548,10 +563,10 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         if not self.memory_bank.has(TARGET):
             msg = "fit_banks needs a target bank: fill memory_bank's 'target' domain first."
             raise RuntimeError(msg)
-        translation, units, direction, evidence = None, None, None, {}
+        translation, units, direction, evidence, offsets = None, None, None, {}, {}
         self.query_translation.clear()  # queries are mapped only when this fit chooses it
         if pairs is not None and self.use_paired_shots and self.memory_bank.has(SOURCE):
-            translation, units, direction, evidence = self.translate_source_bank(pairs)
+            translation, units, direction, evidence, offsets = self.translate_source_bank(pairs)
         domains = [domain for domain in DOMAINS if self.memory_bank.has(domain)]
         banks = [self.memory_bank.get(domain) for domain in domains]
         features = torch.cat(banks)
@@ -613,15 +628,18 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             units=units if fusion == "union" else None,
             direction=direction,
             direction_evidence=evidence,
+            pair_offsets=offsets,
         )
 
     @torch.no_grad()
     def translate_source_bank(
         self, pairs: PairedShots
-    ) -> tuple[TranslationReport, tuple[float, float], str, dict[str, float]]:
+    ) -> tuple[TranslationReport, tuple[float, float], str, dict[str, float], dict[int, tuple[float, float]]]:
         """Bridge the two sensors with a map learnt on the paired shots, in the direction that fits them (ours).
 
-        Two directions can make the source bank judge target patches (:mod:`.sensor_map`): ``"bank"`` translates the
+        First, when the pairs are whole feature grids, each view's source grids are lined up with the shots' grids
+        (``pair_registration``, :func:`~.sensor_map.register_pairs`). Two directions can make the source bank judge
+        target patches (:mod:`.sensor_map`): ``"bank"`` translates the
         source bank into the target feature space (source -> target map), ``"query"`` maps each query patch into the
         source feature space (target -> source map) and compares it with the source bank as captured. Each map is a
         ridge regression fitted on every paired row, its strength chosen by cross-validation over groups of pairs
@@ -640,7 +658,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
 
         Returns:
             The report of the map used, the units ``(target, source)``, the direction and its evidence (held-out
-            median per direction measured; empty without a second group).
+            median per direction measured; empty without a second group), and the offset of each view's pairs.
 
         """
         if bool(self.source_bank_translated):
@@ -654,9 +672,20 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             if self.shot_view_indices.numel()
             else torch.ones_like(pairs.view, dtype=torch.bool)
         )
+        paired_source, offsets = pairs.source, {}
+        if self.pair_registration > 0 and pairs.grid is not None:
+            ridges = self.translation.ridge_candidates
+            paired_source, offsets = register_pairs(
+                pairs.source,
+                pairs.target,
+                pairs.view,
+                pairs.grid,
+                max_offset=self.pair_registration,
+                ridge=ridges[len(ridges) // 2],
+            )
         candidates = ("bank", "query") if self.translation_direction == "auto" else (self.translation_direction,)
         maps = {"bank": self.translation, "query": self.query_translation}
-        inputs_outputs = {"bank": (pairs.source, pairs.target), "query": (pairs.target, pairs.source)}
+        inputs_outputs = {"bank": (paired_source, pairs.target), "query": (pairs.target, paired_source)}
         reports = {direction: maps[direction].fit(*inputs_outputs[direction], groups) for direction in candidates}
         target_distances: list[torch.Tensor] = []
         held_out_distances: dict[str, list[torch.Tensor]] = {direction: [] for direction in candidates}
@@ -686,7 +715,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         if direction == "bank":
             self.memory_bank.set(SOURCE, self.translation(source))
             self.source_bank_translated = torch.ones((), dtype=torch.bool, device=self.source_bank_translated.device)
-        return reports[direction], units, direction, evidence
+        return reports[direction], units, direction, evidence, offsets
 
     def _nearest(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Distance of every query row to its nearest bank row (exact, chunked)."""
