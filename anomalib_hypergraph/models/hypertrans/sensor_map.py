@@ -25,6 +25,10 @@ medians are distances in two feature spaces), so it is an option, not the defaul
 evidence (medians or map residuals divided by each space's own spacing between shots, or the unexplained share of
 variance) each chose wrongly on one of the simulated sensors, metal plates or the demo (model README).
 
+Registration. Two cameras on one line rarely see a part pixel-aligned, so before the map is fitted each view's source
+captures are read at the half-patch offset (up to ``max_offset`` patches) at which a ridge map explains the shots
+best (:func:`register_pairs`); pairs that are aligned keep offset 0 and are used as they are.
+
 The map is a ridge regression with an unpenalised bias, fitted on the paired patch rows of the shots (in the views
 that enter the target bank). Its strength is chosen by grouped cross-validation over the pairs (leave one shot out;
 with one shot, leave one view out), so that it is decided from the training data alone, and stored with the map.
