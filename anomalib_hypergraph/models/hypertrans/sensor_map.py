@@ -99,6 +99,11 @@ class SensorTranslation(DefaultedState, DynamicBufferMixin, nn.Module):
         self.bias: torch.Tensor
 
     @property
+    def middle_ridge(self) -> float:
+        """The strength taken without cross-validation: the middle candidate."""
+        return self.ridge_candidates[len(self.ridge_candidates) // 2]
+
+    @property
     def is_fitted(self) -> bool:
         """Whether a map has been fitted (or loaded from a checkpoint)."""
         return self.weight.numel() > 0
@@ -147,7 +152,7 @@ class SensorTranslation(DefaultedState, DynamicBufferMixin, nn.Module):
                 errors.append(squared_error / (x.shape[0] * y.shape[1]))
             chosen = self.ridge_candidates[min(range(len(errors)), key=errors.__getitem__)]
         else:
-            chosen = self.ridge_candidates[len(self.ridge_candidates) // 2]
+            chosen = self.middle_ridge
         weight, bias = total.solve(chosen)
         self.weight = weight.to(source.dtype).to(source.device)
         self.bias = bias.to(source.dtype).to(source.device)
@@ -286,10 +291,10 @@ def register_pairs(
             msg = f"register_pairs: group {label} has {int(rows.sum())} rows, not whole {height} x {width} grids."
             raise ValueError(msg)
         grids = source[rows].reshape(-1, height, width, source.shape[1]).permute(0, 3, 1, 2)
-        inner_target = _inner(target[rows].reshape(-1, height, width, target.shape[1]))
+        inner_target = _inner(target[rows].reshape(-1, height, width, target.shape[1])).double()
         errors = []
         for offset in candidates if inner_target.shape[0] > source.shape[1] else candidates[:1]:
-            moments = _moments(_inner(_shift(grids, offset).permute(0, 2, 3, 1)).double(), inner_target.double())
+            moments = _moments(_inner(_shift(grids, offset).permute(0, 2, 3, 1)).double(), inner_target)
             errors.append(moments.squared_error(*moments.solve(ridge)))
         best = min(range(len(errors)), key=errors.__getitem__)
         if errors[best] > (1 - REGISTRATION_GAIN) * errors[0]:

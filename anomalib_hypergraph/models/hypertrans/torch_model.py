@@ -674,14 +674,13 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         )
         paired_source, offsets = pairs.source, {}
         if self.pair_registration > 0 and pairs.grid is not None:
-            ridges = self.translation.ridge_candidates
             paired_source, offsets = register_pairs(
                 pairs.source,
                 pairs.target,
                 pairs.view,
                 pairs.grid,
                 max_offset=self.pair_registration,
-                ridge=ridges[len(ridges) // 2],
+                ridge=self.translation.middle_ridge,
             )
         candidates = ("bank", "query") if self.translation_direction == "auto" else (self.translation_direction,)
         maps = {"bank": self.translation, "query": self.query_translation}
