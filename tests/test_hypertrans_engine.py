@@ -6,14 +6,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from anomalib.data import Folder
 from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from anomalib.models import Patchcore, get_model
 from lightning.pytorch import Callback
+from PIL import Image
 
-from anomalib_hypergraph.data import FewShot, MVTec3DCrossDomain
+from anomalib_hypergraph.data import CrossDomainDataModule, FewShot, MVTec3DCrossDomain
 from anomalib_hypergraph.models import HyperTrans
 
 
@@ -274,6 +277,56 @@ def test_without_pairs_the_model_ignores_them(
         runs.append((model.model.memory_bank.get("source"), scores.scores))
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
+
+
+def write_cameras_apart(root: Path, shift: int) -> tuple[Folder, Folder]:
+    """An RGB camera and a grey, inverted new camera that sees every scene ``shift`` pixels further down and right."""
+    generator = torch.Generator().manual_seed(0)
+    for subfolder, count in (("good", 6), ("good_test", 2), ("bad", 2)):
+        for index in range(count):
+            coarse = torch.rand(1, 3, 11, 11, generator=generator)
+            scene = torch.nn.functional.interpolate(coarse, size=(80, 80), mode="bicubic", align_corners=False)[0]
+            scene = (scene.clamp(0, 1).permute(1, 2, 0) * 255).to(torch.uint8).numpy()
+            seen = scene[shift : shift + 64, shift : shift + 64].mean(axis=-1, keepdims=True).repeat(3, axis=-1)
+            for camera, image in (("old", scene[:64, :64]), ("new", 255 - seen.astype(np.uint8))):
+                (root / camera / subfolder).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(root / camera / subfolder / f"{index:03d}.png")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[8:24, 8:24] = 255
+    for camera in ("old", "new"):
+        (root / camera / "masks").mkdir(parents=True, exist_ok=True)
+        for index in range(2):
+            Image.fromarray(mask).save(root / camera / "masks" / f"{index:03d}.png")
+    old, new = (
+        Folder(
+            name=camera,
+            root=root / camera,
+            normal_dir="good",
+            abnormal_dir="bad",
+            normal_test_dir="good_test",
+            mask_dir="masks",
+            num_workers=0,
+            val_split_mode="same_as_test",
+        )
+        for camera in ("old", "new")
+    )
+    return old, new
+
+
+def test_engine_reads_the_pairs_of_cameras_mounted_apart_at_their_offset(
+    tmp_path: Path, tiny_hypertrans_kwargs: dict
+) -> None:
+    """Engine.fit registers folder pairs one patch apart (8 px, the tiny ViT's patch) in every view, turning with it."""
+    old, new = write_cameras_apart(tmp_path / "data", shift=8)
+    datamodule = CrossDomainDataModule(old, new, k_shot=3, pair_shots=True, train_batch_size=4)
+    model = HyperTrans(**{**tiny_hypertrans_kwargs, "shot_augmentation": "dihedral", "translation_direction": "bank"})
+    engine = Engine(default_root_dir=tmp_path / "run", accelerator="cpu", devices=1, max_epochs=2, logger=False)
+    engine.fit(model=model, datamodule=datamodule)
+    offsets = [tuple(offset) for offset in model.model.pair_offsets.tolist()]
+    assert len(offsets) == 8  # every dihedral view of the shots and their captures
+    assert offsets[0] == (1.0, 1.0)  # the new camera looks one patch further down and right
+    # A turned or mirrored view turns the offset: each of the four diagonal offsets, from two views each.
+    assert sorted(offsets) == sorted([(-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0)] * 2)
 
 
 @pytest.mark.parametrize("test_views", [False, True], ids=["as trained", "test-time views"])

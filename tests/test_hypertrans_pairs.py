@@ -282,6 +282,7 @@ def test_misaligned_pairs_are_registered_before_the_map_is_fitted() -> None:
     model.memory_bank.set("target", target)
     report = model.fit_banks(iterations=0, lr=1e-3, pairs=pairs)
     assert report.pair_offsets == {0: (0.5, 0.5)}
+    assert model.pair_offsets.tolist() == [[0.5, 0.5]]  # the checkpoint records how the pairs were read
     registered_error = min(report.translation.validation_errors)
     unregistered = views_model("none", translation_direction="bank", pair_registration=0.0)
     other_source = torch.randn(100, channels, generator=generator)
@@ -289,6 +290,7 @@ def test_misaligned_pairs_are_registered_before_the_map_is_fitted() -> None:
     unregistered.memory_bank.set("target", target)
     plain = unregistered.fit_banks(iterations=0, lr=1e-3, pairs=pairs)
     assert plain.pair_offsets == {}
+    assert unregistered.pair_offsets.shape == (0, 2)
     assert registered_error < 0.5 * min(plain.translation.validation_errors)
     with pytest.raises(ValueError, match="pair_registration"):
         views_model("none", pair_registration=-1.0)

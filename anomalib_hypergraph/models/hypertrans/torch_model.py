@@ -229,9 +229,9 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
 
     """
 
-    # Checkpoints from before paired shots and the choices of views: every shot view kept, source bank not
-    # translated, test images read as they are.
-    defaulted_state = ("shot_view_indices", "source_bank_translated", "test_view_indices")
+    # Checkpoints from before paired shots, the choices of views and pair registration: every shot view kept, source
+    # bank not translated, test images read as they are, pairs read as captured.
+    defaulted_state = ("shot_view_indices", "source_bank_translated", "test_view_indices", "pair_offsets")
     # (``query_translation``'s map is defaulted by SensorTranslation itself: empty, i.e. queries are not mapped.)
 
     def __init__(
@@ -361,6 +361,11 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         # Whether the memory bank's source rows live in the target feature space (translated from paired shots).
         self.register_buffer("source_bank_translated", torch.zeros((), dtype=torch.bool))
         self.source_bank_translated: torch.Tensor
+        # Fit-time record of pair registration: row v is the offset (dy, dx), in patches, at which view v's paired
+        # source captures were read (NaN: no pairs in that view; empty: pairs read as captured, or none). Inference
+        # does not use it.
+        self.register_buffer("pair_offsets", torch.empty(0, 2))
+        self.pair_offsets: torch.Tensor
         # Derived search state per domain bank (plain objects, not in the state dict; rebuilt when a bank changes).
         self.search_backend = search_backend
         self._bank_indexes = {
@@ -682,6 +687,10 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
                 max_offset=self.pair_registration,
                 ridge=self.translation.middle_ridge,
             )
+            recorded = torch.full((max(offsets, default=-1) + 1, 2), float("nan"), device=self.pair_offsets.device)
+            for view, offset in offsets.items():
+                recorded[view] = torch.tensor(offset)
+            self.pair_offsets = recorded
         candidates = ("bank", "query") if self.translation_direction == "auto" else (self.translation_direction,)
         maps = {"bank": self.translation, "query": self.query_translation}
         inputs_outputs = {"bank": (paired_source, pairs.target), "query": (pairs.target, paired_source)}
