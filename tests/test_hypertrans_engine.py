@@ -322,11 +322,11 @@ def test_engine_reads_the_pairs_of_cameras_mounted_apart_at_their_offset(
     model = HyperTrans(**{**tiny_hypertrans_kwargs, "shot_augmentation": "dihedral", "translation_direction": "bank"})
     engine = Engine(default_root_dir=tmp_path / "run", accelerator="cpu", devices=1, max_epochs=2, logger=False)
     engine.fit(model=model, datamodule=datamodule)
-    offsets = [tuple(offset) for offset in model.model.pair_offsets.tolist()]
-    assert len(offsets) == 8  # every dihedral view of the shots and their captures
-    assert offsets[0] == (1.0, 1.0)  # the new camera looks one patch further down and right
+    alignment = [tuple(read) for read in model.model.pair_alignment.tolist()]
+    assert len(alignment) == 8  # every dihedral view of the shots and their captures
+    assert alignment[0] == (1.0, 1.0, 1.0)  # the new camera looks one patch further down and right, at the same zoom
     # A turned or mirrored view turns the offset: each of the four diagonal offsets, from two views each.
-    assert sorted(offsets) == sorted([(-1.0, -1.0), (-1.0, 1.0), (1.0, -1.0), (1.0, 1.0)] * 2)
+    assert sorted(alignment) == sorted([(-1.0, -1.0, 1.0), (-1.0, 1.0, 1.0), (1.0, -1.0, 1.0), (1.0, 1.0, 1.0)] * 2)
 
 
 @pytest.mark.parametrize("test_views", [False, True], ids=["as trained", "test-time views"])

@@ -13,7 +13,7 @@ from anomalib_hypergraph.data.domains import SOURCE, TARGET
 from anomalib_hypergraph.hypergraph import IncidenceKernel, chunked_knn
 from anomalib_hypergraph.models.hypertrans.lightning_model import key_roots, patch_keys
 from anomalib_hypergraph.models.hypertrans.scoring import CrossDomainScorer
-from anomalib_hypergraph.models.hypertrans.sensor_map import SensorTranslation, _shift, register_pairs
+from anomalib_hypergraph.models.hypertrans.sensor_map import Alignment, SensorTranslation, register_pairs
 from anomalib_hypergraph.models.hypertrans.torch_model import (
     VIEW_HELD_OUT_IMAGES,
     VIEW_PROBE_IMAGES,
@@ -72,16 +72,26 @@ def as_rows(grids: torch.Tensor) -> torch.Tensor:
     return grids.permute(0, 2, 3, 1).reshape(-1, grids.shape[1])
 
 
-@pytest.mark.parametrize("offset", [(0.5, -0.5), (-1.0, 0.5), (0.0, 1.0)])
-def test_registration_finds_the_offset_between_the_cameras(offset: tuple[float, float]) -> None:
+@pytest.mark.parametrize(
+    "alignment",
+    [
+        Alignment(0.5, -0.5),
+        Alignment(-1.0, 0.5),
+        Alignment(0.0, 1.0),
+        Alignment(0.0, 0.0, 1 + 0.5 / 9),
+        Alignment(-0.5, 0.5, 1 - 1 / 9),
+    ],
+    ids=["offset", "another offset", "one axis", "zoom", "offset and zoom out"],
+)
+def test_registration_finds_the_offset_and_zoom_between_the_cameras(alignment: Alignment) -> None:
     generator = torch.Generator().manual_seed(21)
     source = smooth_grids(generator, 3, 6, 18)
     mixing = torch.randn(6, 5, generator=generator)
-    seen = _shift(source, offset)  # the target camera looks at the spot `offset` patches away
+    seen = alignment.resample(source)  # the target camera looks `alignment` away (its corners: half a patch per step)
     target = as_rows(seen) @ mixing + 0.01 * torch.randn(3 * 18 * 18, 5, generator=generator)
     views = torch.zeros(3 * 18 * 18, dtype=torch.long)
-    registered, offsets = register_pairs(as_rows(source), target, views, (18, 18), max_offset=1.0, ridge=0.1)
-    assert offsets == {0: offset}
+    registered, found = register_pairs(as_rows(source), target, views, (18, 18), max_offset=1.0, ridge=0.1)
+    assert found == {0: alignment}
     torch.testing.assert_close(registered, as_rows(seen))
 
 
@@ -91,11 +101,11 @@ def test_registration_leaves_aligned_pairs_untouched_and_refuses_broken_grids() 
     noise = 0.01 * torch.randn(source.shape[0], 4, generator=generator)
     target = source @ torch.randn(6, 4, generator=generator) + noise
     views = torch.arange(2).repeat_interleave(144)  # two views, one grid each
-    registered, offsets = register_pairs(source, target, views, (12, 12), max_offset=1.0, ridge=0.1)
-    assert offsets == {0: (0.0, 0.0), 1: (0.0, 0.0)}
+    registered, found = register_pairs(source, target, views, (12, 12), max_offset=1.0, ridge=0.1)
+    assert found == {0: Alignment(), 1: Alignment()}
     assert torch.equal(registered, source)
     _, none_tried = register_pairs(source, target, views, (12, 12), max_offset=0.0, ridge=0.1)
-    assert none_tried == {0: (0.0, 0.0), 1: (0.0, 0.0)}
+    assert none_tried == {0: Alignment(), 1: Alignment()}
     with pytest.raises(ValueError, match="not whole 12 x 12 grids"):
         register_pairs(source[:-1], target[:-1], views[:-1], (12, 12), max_offset=1.0, ridge=0.1)
 
@@ -273,7 +283,7 @@ def test_misaligned_pairs_are_registered_before_the_map_is_fitted() -> None:
     model = views_model("none", translation_direction="bank")
     channels = model.feature_extractor.feature_dim
     source = smooth_grids(generator, 2, channels, 15)
-    target = as_rows(_shift(source, (0.5, 0.5))).flip(1)  # a channel permutation, half a patch away
+    target = as_rows(Alignment(0.5, 0.5).resample(source)).flip(1)  # a channel permutation, half a patch away
     shots = torch.arange(2).repeat_interleave(225)
     pairs = PairedShots(
         source=as_rows(source), target=target, shot=shots, view=torch.zeros(450, dtype=torch.long), grid=(15, 15)
@@ -281,16 +291,16 @@ def test_misaligned_pairs_are_registered_before_the_map_is_fitted() -> None:
     model.memory_bank.set("source", torch.cat([torch.randn(100, channels, generator=generator), as_rows(source)]))
     model.memory_bank.set("target", target)
     report = model.fit_banks(iterations=0, lr=1e-3, pairs=pairs)
-    assert report.pair_offsets == {0: (0.5, 0.5)}
-    assert model.pair_offsets.tolist() == [[0.5, 0.5]]  # the checkpoint records how the pairs were read
+    assert report.pair_alignment == {0: (0.5, 0.5, 1.0)}
+    assert model.pair_alignment.tolist() == [[0.5, 0.5, 1.0]]  # the checkpoint records how the pairs were read
     registered_error = min(report.translation.validation_errors)
     unregistered = views_model("none", translation_direction="bank", pair_registration=0.0)
     other_source = torch.randn(100, channels, generator=generator)
     unregistered.memory_bank.set("source", torch.cat([other_source, as_rows(source)]))
     unregistered.memory_bank.set("target", target)
     plain = unregistered.fit_banks(iterations=0, lr=1e-3, pairs=pairs)
-    assert plain.pair_offsets == {}
-    assert unregistered.pair_offsets.shape == (0, 2)
+    assert plain.pair_alignment == {}
+    assert unregistered.pair_alignment.shape == (0, 3)
     assert registered_error < 0.5 * min(plain.translation.validation_errors)
     with pytest.raises(ValueError, match="pair_registration"):
         views_model("none", pair_registration=-1.0)

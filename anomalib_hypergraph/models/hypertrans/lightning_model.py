@@ -171,9 +171,10 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         use_paired_shots: when the datamodule pairs each shot with its source-sensor capture (``pair_shots``), learn a
             map from source to target features on the pairs and translate the source bank with it (ours).
         translation_ridge: relative ridge strengths the map chooses from by cross-validation over the shots (or views).
-        pair_registration: largest offset, in patches, at which each view's paired source captures may be read to line
-            up with the shots before the map is fitted (ours; half-patch steps chosen at fit time by the map's
-            residual, logged; aligned pairs keep offset 0; 0 takes the pairs as they are).
+        pair_registration: largest displacement, in patches, by which each view's paired source captures may be
+            moved (offset along each axis, zoom at the grid's corners) to line up with the shots before the map is
+            fitted (ours; half-patch steps chosen at fit time by the map's residual, logged and stored; aligned pairs
+            keep the identity; 0 takes the pairs as they are).
         translation_direction: ``"bank"`` (default, ours): translate the source bank into the target space;
             ``"query"``: map each query into the source space (for a new sensor that keeps the old one's detail);
             ``"auto"``: whichever the shots' held-out pairs fit more tightly (logged, stored; see the model README).
@@ -503,11 +504,11 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         )
         if report.translation is not None:
             logger.info(
-                "HyperTrans paired shots: %d patch pairs in %d groups, read at offsets %s (patches, per view); %s "
+                "HyperTrans paired shots: %d patch pairs in %d groups, read at (dy, dx, zoom) %s (per view); %s "
                 "(ridge %.0e chosen from %s by cross-validation; held-out median distance per direction: %s); %s.",
                 report.translation.pairs,
                 report.translation.groups,
-                report.pair_offsets or "as they are",
+                report.pair_alignment or "as they are",
                 "the source bank is translated into the target feature space"
                 if report.direction == "bank"
                 else "queries are mapped into the source feature space",

@@ -26,8 +26,8 @@ evidence (medians or map residuals divided by each space's own spacing between s
 variance) each chose wrongly on one of the simulated sensors, metal plates or the demo (model README).
 
 Registration. Two cameras on one line rarely see a part pixel-aligned, so before the map is fitted each view's source
-captures are read at the half-patch offset (up to ``max_offset`` patches) at which a ridge map explains the shots
-best (:func:`register_pairs`); pairs that are aligned keep offset 0 and are used as they are.
+captures are read at the offset and zoom (in half-patch steps, up to ``max_offset`` patches) at which a ridge map
+explains the shots best (:func:`register_pairs`); pairs that are aligned keep the identity and are used as they are.
 
 The map is a ridge regression with an unpenalised bias, fitted on the paired patch rows of the shots (in the views
 that enter the target bank). Its strength is chosen by grouped cross-validation over the pairs (leave one shot out;
@@ -50,8 +50,8 @@ from anomalib_hypergraph.models.state import DefaultedState
 logger = logging.getLogger(__name__)
 
 DEFAULT_RIDGE_CANDIDATES: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
-REGISTRATION_STEP = 0.5  # offsets between paired feature grids are tried in half-patch steps
-REGISTRATION_GAIN = 0.01  # an offset must lower the residual by this share to be taken (noise cannot move pairs)
+REGISTRATION_STEP = 0.5  # alignments of paired feature grids move them in half-patch steps
+REGISTRATION_GAIN = 0.01  # an alignment must lower the residual by this share to be taken (noise cannot move pairs)
 
 
 @dataclass
@@ -239,6 +239,31 @@ def _moments(x: torch.Tensor, y: torch.Tensor) -> _Moments:
     )
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """How one view's paired source grids are read to line up with the shots' grids (:func:`register_pairs`).
+
+    ``out[y, x] = in[c_y + zoom * (y - c_y) + dy, c_x + zoom * (x - c_x) + dx]`` in patches, ``c`` the grid's centre:
+    the offset ``(dy, dx)`` is where the target camera looks relative to the source camera, the zoom how much more of
+    the part the target camera's grid spans. The identity (the default) reads the captures as they are.
+    """
+
+    dy: float = 0.0
+    dx: float = 0.0
+    zoom: float = 1.0
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        """``(dy, dx, zoom)``."""
+        return (self.dy, self.dx, self.zoom)
+
+    def resample(self, grids: torch.Tensor) -> torch.Tensor:
+        """``(N, C, h, w)`` grids read at this alignment (bilinear, borders repeated)."""
+        count, _, height, width = grids.shape
+        theta = grids.new_tensor([[self.zoom, 0.0, 2 * self.dx / width], [0.0, self.zoom, 2 * self.dy / height]])
+        sampling = functional.affine_grid(theta.expand(count, 2, 3), list(grids.shape), align_corners=False)
+        return functional.grid_sample(grids, sampling, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 @torch.no_grad()
 def register_pairs(
     source: torch.Tensor,
@@ -248,43 +273,51 @@ def register_pairs(
     *,
     max_offset: float,
     ridge: float,
-) -> tuple[torch.Tensor, dict[int, tuple[float, float]]]:
-    """Line the paired source feature grids up with the target grids, one offset per group (ours).
+) -> tuple[torch.Tensor, dict[int, Alignment]]:
+    """Line the paired source feature grids up with the target grids, one offset and zoom per group (ours).
 
     Two sensors rarely see a part pixel-aligned: cameras on one line are mounted apart, zoomed and aimed a little
     differently, so row ``i`` of a source capture may show a spot a few pixels away from row ``i`` of its shot, and a
     map fitted on such pairs learns a blurred correspondence. The rig is the same for every shot, so each group (a
-    view of every shot: a turned view turns the offset) gets one offset ``(dy, dx)`` in patches, chosen among the
-    multiples of half a patch up to ``max_offset``: the source grids are resampled at that offset (bilinear, borders
-    repeated), a ridge map from them to the target grids is fitted on the inner patches (the outer ring sees the
-    border), and the offset with the smallest residual is kept if it lowers the residual of no offset by at least
-    ``REGISTRATION_GAIN``; otherwise the rows stay as they are, so pairs that are aligned already (one sensor's depth
-    and colour from one sample) are untouched. The residual is in-sample: every offset fits a map with the same number
-    of parameters to the same target rows; with no more inner patches than channels it is zero for every offset, and
-    the group keeps no offset.
+    view of every shot: a turned view turns the offset) gets one :class:`Alignment`: an offset ``(dy, dx)`` in
+    patches and a zoom about the grid's centre, each moving the grid by multiples of half a patch (the zoom at the
+    grid's corners along its longer side), up to ``max_offset`` patches. Every combination is tried: the source grids
+    are resampled by it (bilinear, borders repeated), a ridge map from them to the target grids is fitted on the inner
+    patches (the outer ring sees the border), and the one with the smallest residual is kept if it lowers the residual
+    of none by at least ``REGISTRATION_GAIN``; otherwise the rows stay as they are, so pairs that are aligned already
+    (one sensor's depth and colour from one sample) are untouched. The residual is in-sample: every candidate fits a
+    map with the same number of parameters to the same target rows; with no more inner patches than channels it is
+    zero for every candidate, and the group keeps none.
 
     Args:
         source: source rows ``(n, C_s)``; within a group, whole grids of ``grid`` patches in row-major order.
         target: the paired target rows ``(n, C_t)``, in the same order.
         groups: ``(n,)`` group of every row (the view).
         grid: ``(h, w)`` patches of one feature grid.
-        max_offset: largest offset tried along each axis, in patches (0: none).
-        ridge: relative ridge strength of the maps that judge the offsets (see :class:`SensorTranslation`).
+        max_offset: largest displacement tried, in patches: of the offset along each axis, and of the grid's corners
+            by the zoom (0: none).
+        ridge: relative ridge strength of the maps that judge the candidates (see :class:`SensorTranslation`).
 
     Returns:
-        The source rows resampled at each group's offset, and the offset per group label.
+        The source rows resampled by each group's alignment, and the alignment per group label.
 
     Raises:
         ValueError: a group's rows do not make whole grids.
 
     """
     height, width = grid
-    steps = torch.arange(-int(max_offset / REGISTRATION_STEP), int(max_offset / REGISTRATION_STEP) + 1)
-    candidates = [(0.0, 0.0)] + [
-        (float(dy), float(dx)) for dy in steps * REGISTRATION_STEP for dx in steps * REGISTRATION_STEP if dy or dx
+    reach = int(max_offset / REGISTRATION_STEP)
+    moves = [step * REGISTRATION_STEP for step in range(-reach, reach + 1)]
+    half_side = max(height, width) / 2
+    candidates = [Alignment()] + [
+        Alignment(dy, dx, 1.0 + corner / half_side)
+        for corner in moves
+        for dy in moves
+        for dx in moves
+        if dy or dx or corner
     ]
     registered = source.clone()
-    offsets: dict[int, tuple[float, float]] = {}
+    alignments: dict[int, Alignment] = {}
     for label in torch.unique(groups).tolist():
         rows = groups == label
         if int(rows.sum()) % (height * width):
@@ -293,16 +326,16 @@ def register_pairs(
         grids = source[rows].reshape(-1, height, width, source.shape[1]).permute(0, 3, 1, 2)
         inner_target = _inner(target[rows].reshape(-1, height, width, target.shape[1])).double()
         errors = []
-        for offset in candidates if inner_target.shape[0] > source.shape[1] else candidates[:1]:
-            moments = _moments(_inner(_shift(grids, offset).permute(0, 2, 3, 1)).double(), inner_target)
+        for candidate in candidates if inner_target.shape[0] > source.shape[1] else candidates[:1]:
+            moments = _moments(_inner(candidate.resample(grids).permute(0, 2, 3, 1)).double(), inner_target)
             errors.append(moments.squared_error(*moments.solve(ridge)))
         best = min(range(len(errors)), key=errors.__getitem__)
         if errors[best] > (1 - REGISTRATION_GAIN) * errors[0]:
-            best = 0  # no offset explains the pairs clearly better than none
-        offsets[int(label)] = candidates[best]
+            best = 0  # nothing explains the pairs clearly better than the captures as they are
+        alignments[int(label)] = candidates[best]
         if best:
-            registered[rows] = _shift(grids, candidates[best]).permute(0, 2, 3, 1).reshape(-1, source.shape[1])
-    return registered, offsets
+            registered[rows] = candidates[best].resample(grids).permute(0, 2, 3, 1).reshape(-1, source.shape[1])
+    return registered, alignments
 
 
 def _inner(grids: torch.Tensor) -> torch.Tensor:
@@ -310,12 +343,3 @@ def _inner(grids: torch.Tensor) -> torch.Tensor:
     if grids.shape[1] > 2 and grids.shape[2] > 2:
         grids = grids[:, 1:-1, 1:-1]
     return grids.reshape(-1, grids.shape[-1])
-
-
-def _shift(grids: torch.Tensor, offset: tuple[float, float]) -> torch.Tensor:
-    """``(N, C, h, w)`` grids resampled ``offset = (dy, dx)`` patches away: ``out[y, x] = in[y + dy, x + dx]``."""
-    count, _, height, width = grids.shape
-    dy, dx = offset
-    theta = grids.new_tensor([[1.0, 0.0, 2 * dx / width], [0.0, 1.0, 2 * dy / height]]).expand(count, 2, 3)
-    sampling = functional.affine_grid(theta, list(grids.shape), align_corners=False)
-    return functional.grid_sample(grids, sampling, mode="bilinear", padding_mode="border", align_corners=False)

@@ -85,8 +85,9 @@ class BankReport:
             ``"query"`` (queries mapped into the source space), None without pairs.
         direction_evidence: held-out median distance of each direction, ``{"bank": ..., "query": ...}`` (the choice
             of ``translation_direction="auto"``; empty when a direction was forced or without a second group).
-        pair_offsets: per view, the offset ``(dy, dx)`` in patches at which the paired source grids were read to line
-            up with the shots' grids (``pair_registration``; empty when the pairs were taken as they are).
+        pair_alignment: per view, the offset and zoom ``(dy, dx, zoom)`` (:class:`~.sensor_map.Alignment`) at which
+            the paired source grids were read to line up with the shots' grids (``pair_registration``; empty when the
+            pairs were taken as they are).
 
     """
 
@@ -101,7 +102,7 @@ class BankReport:
     units: tuple[float, float] | None = None
     direction: str | None = None
     direction_evidence: dict[str, float] = field(default_factory=dict)
-    pair_offsets: dict[int, tuple[float, float]] = field(default_factory=dict)
+    pair_alignment: dict[int, tuple[float, float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -205,10 +206,11 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         use_paired_shots: when the shots come with pixel-aligned source captures (:class:`PairedShots`), learn a map
             between the two sensors' features on them (:mod:`.sensor_map`); ``False`` ignores the pairs.
         translation_ridge: relative ridge strengths the translation chooses from by grouped cross-validation.
-        pair_registration: largest offset, in patches, at which each view's paired source grids may be read to line
-            up with the shots' grids before the map is fitted (ours; half-patch steps, chosen by the smallest residual
-            of a ridge map, :func:`~.sensor_map.register_pairs`; 0 takes the pairs as they are). Captures from two
-            cameras are rarely pixel-aligned; aligned pairs keep offset 0 and are used as they are.
+        pair_registration: largest displacement, in patches, by which each view's paired source grids may be moved
+            to line up with the shots' grids before the map is fitted: an offset along each axis and a zoom (measured
+            at the grid's corners), in half-patch steps, chosen by the smallest residual of a ridge map (ours;
+            :func:`~.sensor_map.register_pairs`; 0 takes the pairs as they are). Captures from two cameras are rarely
+            pixel-aligned; aligned pairs keep the identity and are used as they are.
         translation_direction: which side of the map the source bank is compared on (ours): ``"bank"`` (default)
             translates the source bank into the target feature space once; ``"query"`` maps every query patch into
             the source feature space and compares it with the source bank as captured (better for a new sensor that
@@ -231,7 +233,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
 
     # Checkpoints from before paired shots, the choices of views and pair registration: every shot view kept, source
     # bank not translated, test images read as they are, pairs read as captured.
-    defaulted_state = ("shot_view_indices", "source_bank_translated", "test_view_indices", "pair_offsets")
+    defaulted_state = ("shot_view_indices", "source_bank_translated", "test_view_indices", "pair_alignment")
     # (``query_translation``'s map is defaulted by SensorTranslation itself: empty, i.e. queries are not mapped.)
 
     def __init__(
@@ -361,11 +363,11 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         # Whether the memory bank's source rows live in the target feature space (translated from paired shots).
         self.register_buffer("source_bank_translated", torch.zeros((), dtype=torch.bool))
         self.source_bank_translated: torch.Tensor
-        # Fit-time record of pair registration: row v is the offset (dy, dx), in patches, at which view v's paired
+        # Fit-time record of pair registration: row v is the offset and zoom (dy, dx, zoom) at which view v's paired
         # source captures were read (NaN: no pairs in that view; empty: pairs read as captured, or none). Inference
         # does not use it.
-        self.register_buffer("pair_offsets", torch.empty(0, 2))
-        self.pair_offsets: torch.Tensor
+        self.register_buffer("pair_alignment", torch.empty(0, 3))
+        self.pair_alignment: torch.Tensor
         # Derived search state per domain bank (plain objects, not in the state dict; rebuilt when a bank changes).
         self.search_backend = search_backend
         self._bank_indexes = {
@@ -568,10 +570,10 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         if not self.memory_bank.has(TARGET):
             msg = "fit_banks needs a target bank: fill memory_bank's 'target' domain first."
             raise RuntimeError(msg)
-        translation, units, direction, evidence, offsets = None, None, None, {}, {}
+        translation, units, direction, evidence, alignment = None, None, None, {}, {}
         self.query_translation.clear()  # queries are mapped only when this fit chooses it
         if pairs is not None and self.use_paired_shots and self.memory_bank.has(SOURCE):
-            translation, units, direction, evidence, offsets = self.translate_source_bank(pairs)
+            translation, units, direction, evidence, alignment = self.translate_source_bank(pairs)
         domains = [domain for domain in DOMAINS if self.memory_bank.has(domain)]
         banks = [self.memory_bank.get(domain) for domain in domains]
         features = torch.cat(banks)
@@ -633,13 +635,13 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             units=units if fusion == "union" else None,
             direction=direction,
             direction_evidence=evidence,
-            pair_offsets=offsets,
+            pair_alignment=alignment,
         )
 
     @torch.no_grad()
     def translate_source_bank(
         self, pairs: PairedShots
-    ) -> tuple[TranslationReport, tuple[float, float], str, dict[str, float], dict[int, tuple[float, float]]]:
+    ) -> tuple[TranslationReport, tuple[float, float], str, dict[str, float], dict[int, tuple[float, float, float]]]:
         """Bridge the two sensors with a map learnt on the paired shots, in the direction that fits them (ours).
 
         First, when the pairs are whole feature grids, each view's source grids are lined up with the shots' grids
@@ -663,7 +665,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
 
         Returns:
             The report of the map used, the units ``(target, source)``, the direction and its evidence (held-out
-            median per direction measured; empty without a second group), and the offset of each view's pairs.
+            median per direction measured; empty without a second group), and the offset and zoom of each view's pairs.
 
         """
         if bool(self.source_bank_translated):
@@ -677,9 +679,9 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             if self.shot_view_indices.numel()
             else torch.ones_like(pairs.view, dtype=torch.bool)
         )
-        paired_source, offsets = pairs.source, {}
+        paired_source, alignment = pairs.source, {}
         if self.pair_registration > 0 and pairs.grid is not None:
-            paired_source, offsets = register_pairs(
+            paired_source, per_view = register_pairs(
                 pairs.source,
                 pairs.target,
                 pairs.view,
@@ -687,10 +689,11 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
                 max_offset=self.pair_registration,
                 ridge=self.translation.middle_ridge,
             )
-            recorded = torch.full((max(offsets, default=-1) + 1, 2), float("nan"), device=self.pair_offsets.device)
-            for view, offset in offsets.items():
-                recorded[view] = torch.tensor(offset)
-            self.pair_offsets = recorded
+            alignment = {view: read.as_tuple() for view, read in per_view.items()}
+            recorded = torch.full((max(alignment, default=-1) + 1, 3), float("nan"), device=self.pair_alignment.device)
+            for view, read in alignment.items():
+                recorded[view] = torch.tensor(read)
+            self.pair_alignment = recorded
         candidates = ("bank", "query") if self.translation_direction == "auto" else (self.translation_direction,)
         maps = {"bank": self.translation, "query": self.query_translation}
         inputs_outputs = {"bank": (paired_source, pairs.target), "query": (pairs.target, paired_source)}
@@ -723,7 +726,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         if direction == "bank":
             self.memory_bank.set(SOURCE, self.translation(source))
             self.source_bank_translated = torch.ones((), dtype=torch.bool, device=self.source_bank_translated.device)
-        return reports[direction], units, direction, evidence, offsets
+        return reports[direction], units, direction, evidence, alignment
 
     def _nearest(self, queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """Distance of every query row to its nearest bank row (exact, chunked)."""
