@@ -141,7 +141,10 @@ def test_mvtec3d_pairs_each_shot_with_the_same_samples_rgb(root: Path) -> None:
 def test_folder_pairs_by_relative_path_and_names_unmatched_shots(tmp_path: Path) -> None:
     _write_camera(tmp_path / "old_camera", seed=0, num_good=5, colour=True)
     _write_camera(tmp_path / "new_camera", seed=1, num_good=4, colour=False)
-    old, new = _camera(tmp_path / "old_camera", "old_camera"), _camera(tmp_path / "new_camera", "new_camera")
+    old, new = (
+        folder_camera(tmp_path / "old_camera", "old_camera"),
+        folder_camera(tmp_path / "new_camera", "new_camera"),
+    )
     datamodule = CrossDomainDataModule(old, new, k_shot=3, shot_selection="random", seed=2, pair_shots=True)
     datamodule.setup()
     paired = datamodule.paired_source_data.samples["image_path"].tolist()
@@ -149,15 +152,17 @@ def test_folder_pairs_by_relative_path_and_names_unmatched_shots(tmp_path: Path)
 
     (tmp_path / "new_camera" / "good" / "003.png").rename(tmp_path / "new_camera" / "good" / "late.png")
     unmatched = CrossDomainDataModule(
-        _camera(tmp_path / "old_camera", "old_camera"),
-        _camera(tmp_path / "new_camera", "new_camera"),
+        folder_camera(tmp_path / "old_camera", "old_camera"),
+        folder_camera(tmp_path / "new_camera", "new_camera"),
         k_shot=4,
         pair_shots=True,
     )
     with pytest.raises(ValueError, match=r"1 target shot\(s\) have no source .*new_camera/good/late.png .*'late.png'"):
         unmatched.setup()
     unpaired = CrossDomainDataModule(
-        _camera(tmp_path / "old_camera", "old_camera"), _camera(tmp_path / "new_camera", "new_camera"), k_shot=4
+        folder_camera(tmp_path / "old_camera", "old_camera"),
+        folder_camera(tmp_path / "new_camera", "new_camera"),
+        k_shot=4,
     )
     unpaired.setup()
     assert unpaired.paired_source_data is None
@@ -390,7 +395,8 @@ def _write_camera(folder: Path, seed: int, num_good: int, colour: bool) -> None:
         Image.fromarray(mask).save(folder / "masks" / f"{index:03d}.png")
 
 
-def _camera(folder: Path, name: str) -> Folder:
+def folder_camera(folder: Path, name: str) -> Folder:
+    """An anomalib ``Folder`` over a camera folder (``good``, ``good_test``, ``bad``, ``masks``), named ``name``."""
     return Folder(
         name=name,
         root=folder,
@@ -407,8 +413,8 @@ def test_cross_domain_with_two_folders(tmp_path: Path) -> None:
     _write_camera(tmp_path / "old_camera", seed=0, num_good=5, colour=True)
     _write_camera(tmp_path / "new_camera", seed=1, num_good=4, colour=False)
     datamodule = CrossDomainDataModule(
-        _camera(tmp_path / "old_camera", "old_camera"),
-        _camera(tmp_path / "new_camera", "new_camera"),
+        folder_camera(tmp_path / "old_camera", "old_camera"),
+        folder_camera(tmp_path / "new_camera", "new_camera"),
         k_shot=2,
         shot_selection="random",
         seed=3,
@@ -431,8 +437,8 @@ def test_cross_domain_with_two_folders(tmp_path: Path) -> None:
         assert torch.equal(batch.gt_mask.flatten(1).any(dim=1), batch.gt_label.bool())
 
     same_seed = CrossDomainDataModule(
-        _camera(tmp_path / "old_camera", "a"),
-        _camera(tmp_path / "new_camera", "b"),
+        folder_camera(tmp_path / "old_camera", "a"),
+        folder_camera(tmp_path / "new_camera", "b"),
         k_shot=2,
         shot_selection="random",
         seed=3,
@@ -441,7 +447,7 @@ def test_cross_domain_with_two_folders(tmp_path: Path) -> None:
     assert same_seed.shots == datamodule.shots
 
     too_many = CrossDomainDataModule(
-        _camera(tmp_path / "old_camera", "a"), _camera(tmp_path / "new_camera", "b"), k_shot=5
+        folder_camera(tmp_path / "old_camera", "a"), folder_camera(tmp_path / "new_camera", "b"), k_shot=5
     )
     with pytest.raises(ValueError, match=r"k_shot=5 .* only 4 normal images were found in .*new_camera"):
         too_many.setup()
@@ -449,11 +455,11 @@ def test_cross_domain_with_two_folders(tmp_path: Path) -> None:
 
 def test_cross_domain_rejects_a_source_without_normal_images(tmp_path: Path) -> None:
     _write_camera(tmp_path / "camera", seed=0, num_good=3, colour=True)
-    source = _camera(tmp_path / "camera", "old_camera")
+    source = folder_camera(tmp_path / "camera", "old_camera")
     source.setup()
     source.train_data = source.test_data.subsample(np.flatnonzero(source.test_data.samples.label_index == 1).tolist())
     source._is_setup = True  # keep the anomalous-only training set when the pair sets the source up again
-    datamodule = CrossDomainDataModule(source, _camera(tmp_path / "camera", "new_camera"))
+    datamodule = CrossDomainDataModule(source, folder_camera(tmp_path / "camera", "new_camera"))
     with pytest.raises(
         ValueError, match=r"source datamodule Folder\(root='.*camera'.*\) has no normal training images"
     ):
@@ -615,7 +621,7 @@ def test_bad_arguments_say_what_is_wrong(root: Path, tmp_path: Path) -> None:
         XYZFolder(path=a_file).setup()
     camera = tmp_path / "camera"
     _write_camera(camera, seed=0, num_good=3, colour=True)
-    folder = _camera(camera, "camera")
+    folder = folder_camera(camera, "camera")
     with pytest.raises(ValueError, match=r"source and target are the same datamodule"):
         CrossDomainDataModule(folder, folder)
 
@@ -629,12 +635,14 @@ def test_k_shot_error_names_the_users_dataset_folder_not_the_depth_cache(root: P
 def test_one_folder_as_source_and_target_is_refused_whatever_the_objects(tmp_path: Path) -> None:
     """Every CLI config makes two datamodule objects; equal roots still put the target shots into the source bank."""
     _write_camera(tmp_path / "camera", seed=0, num_good=4, colour=True)
-    pair = CrossDomainDataModule(_camera(tmp_path / "camera", "old"), _camera(tmp_path / "camera", "new"), k_shot=1)
+    pair = CrossDomainDataModule(
+        folder_camera(tmp_path / "camera", "old"), folder_camera(tmp_path / "camera", "new"), k_shot=1
+    )
     shot = tmp_path / "camera" / "good" / "000.png"
     with pytest.raises(ValueError, match=rf"read the same files: 1 of the target's 1 train images .*'{shot}'"):
         pair.setup()
     link = tmp_path / "camera_link"  # another path to the same files
     link.symlink_to(tmp_path / "camera", target_is_directory=True)
-    pair = CrossDomainDataModule(_camera(tmp_path / "camera", "old"), _camera(link, "new"), k_shot=1)
+    pair = CrossDomainDataModule(folder_camera(tmp_path / "camera", "old"), folder_camera(link, "new"), k_shot=1)
     with pytest.raises(ValueError, match=r"read the same files"):
         pair.setup()

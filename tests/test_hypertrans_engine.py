@@ -18,6 +18,7 @@ from PIL import Image
 
 from anomalib_hypergraph.data import CrossDomainDataModule, FewShot, MVTec3DCrossDomain
 from anomalib_hypergraph.models import HyperTrans
+from tests.test_cross_domain import folder_camera
 
 
 class CollectScores(Callback):
@@ -193,9 +194,6 @@ def test_short_epoch_budget_still_builds_the_banks(
 
 
 def test_single_domain_datamodule_uses_the_shots_as_target(tmp_path: Path, tiny_hypertrans_kwargs: dict) -> None:
-    from anomalib.data import Folder
-    from PIL import Image
-
     generator = torch.Generator().manual_seed(0)
     for split, count in (("good", 4), ("bad", 2)):
         (tmp_path / split).mkdir()
@@ -297,20 +295,7 @@ def write_cameras_apart(root: Path, shift: int) -> tuple[Folder, Folder]:
         (root / camera / "masks").mkdir(parents=True, exist_ok=True)
         for index in range(2):
             Image.fromarray(mask).save(root / camera / "masks" / f"{index:03d}.png")
-    old, new = (
-        Folder(
-            name=camera,
-            root=root / camera,
-            normal_dir="good",
-            abnormal_dir="bad",
-            normal_test_dir="good_test",
-            mask_dir="masks",
-            num_workers=0,
-            val_split_mode="same_as_test",
-        )
-        for camera in ("old", "new")
-    )
-    return old, new
+    return folder_camera(root / "old", "old"), folder_camera(root / "new", "new")
 
 
 def test_engine_reads_the_pairs_of_cameras_mounted_apart_at_their_offset(
