@@ -173,8 +173,8 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
         translation_ridge: relative ridge strengths the map chooses from by cross-validation over the shots (or views).
         pair_registration: largest displacement, in patches, by which each view's paired source captures may be
             moved (offset along each axis, zoom at the grid's corners) to line up with the shots before the map is
-            fitted (ours; half-patch steps chosen at fit time by the map's residual, logged and stored; aligned pairs
-            keep the identity; 0 takes the pairs as they are).
+            fitted (ours; half-patch steps chosen at fit time by the map's residual, logged and stored; pairs that no
+            alignment explains 1 % better are used as they are; 0 takes the pairs as they are).
         translation_direction: ``"bank"`` (default, ours): translate the source bank into the target space;
             ``"query"``: map each query into the source space (for a new sensor that keeps the old one's detail);
             ``"auto"``: whichever the shots' held-out pairs fit more tightly (logged, stored; see the model README).

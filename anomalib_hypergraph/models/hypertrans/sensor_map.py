@@ -27,7 +27,8 @@ variance) each chose wrongly on one of the simulated sensors, metal plates or th
 
 Registration. Two cameras on one line rarely see a part pixel-aligned, so before the map is fitted each view's source
 captures are read at the offset and zoom (in half-patch steps, up to ``max_offset`` patches) at which a ridge map
-explains the shots best (:func:`register_pairs`); pairs that are aligned keep the identity and are used as they are.
+explains the shots best (:func:`register_pairs`); pairs that no alignment explains clearly better are used as they
+are.
 
 The map is a ridge regression with an unpenalised bias, fitted on the paired patch rows of the shots (in the views
 that enter the target bank). Its strength is chosen by grouped cross-validation over the pairs (leave one shot out;
@@ -285,9 +286,10 @@ def register_pairs(
     are resampled by it (bilinear, borders repeated), a ridge map from them to the target grids is fitted on the inner
     patches (the outer ring sees the border), and the one with the smallest residual is kept if it lowers the residual
     of none by at least ``REGISTRATION_GAIN``; otherwise the rows stay as they are, so pairs that are aligned already
-    (one sensor's depth and colour from one sample) are untouched. The residual is in-sample: every candidate fits a
-    map with the same number of parameters to the same target rows; with no more inner patches than channels it is
-    zero for every candidate, and the group keeps none.
+    (one sensor's depth and colour from one sample) are untouched, unless their two modalities' features line up
+    better at another reading (the synthetic dome: zoom 1.031 on some fits, same scores). The residual is in-sample:
+    every candidate fits a map with the same number of parameters to the same target rows; with no more inner patches
+    than channels it is zero for every candidate, and the group keeps none.
 
     Args:
         source: source rows ``(n, C_s)``; within a group, whole grids of ``grid`` patches in row-major order.

@@ -210,7 +210,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             to line up with the shots' grids before the map is fitted: an offset along each axis and a zoom (measured
             at the grid's corners), in half-patch steps, chosen by the smallest residual of a ridge map (ours;
             :func:`~.sensor_map.register_pairs`; 0 takes the pairs as they are). Captures from two cameras are rarely
-            pixel-aligned; aligned pairs keep the identity and are used as they are.
+            pixel-aligned; pairs that no alignment explains 1 % better are used as they are.
         translation_direction: which side of the map the source bank is compared on (ours): ``"bank"`` (default)
             translates the source bank into the target feature space once; ``"query"`` maps every query patch into
             the source feature space and compares it with the source bank as captured (better for a new sensor that
