@@ -287,7 +287,7 @@ def register_pairs(
     patches (the outer ring sees the border), and the one with the smallest residual is kept if it lowers the residual
     of none by at least ``REGISTRATION_GAIN``; otherwise the rows stay as they are, so pairs that are aligned already
     (one sensor's depth and colour from one sample) are untouched, unless their two modalities' features line up
-    better at another reading (the synthetic dome: zoom 1.031 on some fits, same scores). The residual is in-sample:
+    better at another reading (synthetic dome, disc: zoom 1.031 on some fits, same scores). The residual is in-sample:
     every candidate fits a map with the same number of parameters to the same target rows; with no more inner patches
     than channels it is zero for every candidate, and the group keeps none.
 
