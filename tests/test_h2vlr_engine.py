@@ -133,6 +133,7 @@ def test_test_metrics_are_reported(trained: dict) -> None:
     metrics = trained["metrics"]
     assert 0.0 <= metrics["image_AUROC"] <= 1.0
     assert 0.0 <= metrics["pixel_AUROC"] <= 1.0
+    assert 0.0 <= metrics["pixel_AUPRO"] <= 1.0  # the papers' protocol metric, beside anomalib's default four
     assert len(trained["test_scores"]) == 6
 
 

@@ -56,7 +56,8 @@ class HypergraphConv(nn.Module):
             edge_weight: optional W override ``(E,)`` (a learnable weight receives gradients).
 
         """
-        return self._add_bias(hypergraph.smooth(self.theta(x), edge_weight))  # Eq. 8 (before sigma)
+        smoothed = hypergraph.smooth(self.theta(x), edge_weight)  # HyperTrans Eq. 8 / H2VLR Eq. 4 (before sigma)
+        return self._add_bias(smoothed)
 
     def forward_attached(
         self, x: torch.Tensor, hyperedges: AttachedHyperedges, bank_x: Sequence[torch.Tensor]

@@ -190,7 +190,7 @@ class HeterogeneousHypergraph:
     # -------------------------------------------------------------------------------------------- operators
     def edge_degree(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """D_e: members per hyperedge (binary incidence), ``(B, E)``."""
-        return self.member_mask.sum(dim=-1).to(dtype)
+        return self.member_mask.sum(dim=-1).to(dtype)  # H2VLR Eq. 3: D_e
 
     def vertex_degree(
         self, edge_weight: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
@@ -203,7 +203,7 @@ class HeterogeneousHypergraph:
         weight = self._weights(edge_weight if weighted else None, dtype)
         contribution = (weight.unsqueeze(-1) * self.member_mask.to(dtype)).reshape(self.batch_size, -1)
         degree = contribution.new_zeros(self.batch_size, self.num_vertices)
-        return degree.scatter_add(1, self._flat_members(), contribution)
+        return degree.scatter_add(1, self._flat_members(), contribution)  # H2VLR Eq. 3: D_v
 
     def smooth(self, x: torch.Tensor, edge_weight: torch.Tensor | None = None) -> torch.Tensor:
         r"""Propagate vertex features over every graph.

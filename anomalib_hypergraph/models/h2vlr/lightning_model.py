@@ -52,6 +52,7 @@ from anomalib_hypergraph.data import few_shot_subset
 from anomalib_hypergraph.data.domains import TARGET, CrossDomainPreProcessor
 from anomalib_hypergraph.data.few_shot import ShotSelection, normal_positions
 from anomalib_hypergraph.models.checkpoints import CheckpointGuard, CheckpointSpec
+from anomalib_hypergraph.models.evaluation import protocol_evaluator
 from anomalib_hypergraph.models.run_guard import RunGuard
 from anomalib_hypergraph.models.smoothing import check_blur_fits
 
@@ -281,6 +282,11 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
             raise ValueError(msg)
         transform = Compose([Resize(native_size, antialias=True, interpolation=InterpolationMode.BICUBIC)])
         return CrossDomainPreProcessor(transform=transform)
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Anomalib's default test metrics plus pixel AU-PRO (FPR limit 0.3), as the paper reports."""
+        return protocol_evaluator()
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:

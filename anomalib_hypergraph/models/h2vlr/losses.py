@@ -90,7 +90,7 @@ def alignment_loss(
     normal_centre, anomaly_centre = prompts.normal_centre, prompts.anomaly_centre
     candidates = torch.cat([normal_centre[None], prompts.embeddings[prompts.is_abnormal]])  # C_n, then every T_a
     logits = logit_scale * normal_tokens @ candidates.T
-    v2t = F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+    v2t = F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))  # Eq. 9: v2t
 
     def distance(tokens: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(tokens - centre, dim=-1)
@@ -108,10 +108,10 @@ def alignment_loss(
                 + options.triplet_margin
             )
         )
-    triplet = torch.cat(hinges).mean()
+    triplet = torch.cat(hinges).mean()  # Eq. 9: triplet
     similarity_gap = normal_tokens @ anomaly_centre - normal_tokens @ normal_centre
     eam = F.relu(similarity_gap + options.eam_margin).mean()  # Eq. 9: EAM
-    return v2t + triplet + eam, v2t, triplet, eam
+    return v2t + triplet + eam, v2t, triplet, eam  # Eq. 9: L_align
 
 
 def structural_loss(

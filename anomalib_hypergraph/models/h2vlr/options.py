@@ -76,8 +76,8 @@ class H2VLROptions:
         default="laion400m_e32",
         metadata=_doc(
             GROUPS[0],
-            "open_clip pretrained tag (ours: ``laion400m_e32``, the tag open_clip ships for this architecture; the "
-            "paper names the architecture, not the weights).",
+            "open_clip pretrained tag (``laion400m_e32``, the weights the reference names; open_clip also ships "
+            "``laion400m_e31`` for this architecture).",
         ),
     )
     pretrained_weights: str | Path | None = field(

@@ -169,7 +169,7 @@ class PromptLearner(nn.Module):
         return int(self.tokens.shape[0])
 
     def forward(self, backbone: ClipBackbone, support_feature: torch.Tensor | None) -> PromptEmbeddings:
-        """Encode the prompt ensemble conditioned on the global support feature G_s ``(D,)`` (normalised)."""
+        """Encode the prompt ensemble conditioned on the global support feature G_s ``(D,)`` (mean of unit vectors)."""
         embeddings = backbone.token_embedding(self.tokens)  # (P, L, width), frozen vocabulary
         context = self.context
         if self.mapper is not None and support_feature is not None:

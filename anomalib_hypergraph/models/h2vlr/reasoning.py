@@ -166,7 +166,7 @@ class HypergraphReasoner(nn.Module):
             logits = [self.structural_weight_logit]
             if self.semantic_weight_logit is not None:
                 logits.append(self.semantic_weight_logit)
-            return F.softplus(torch.cat(logits))
+            return F.softplus(torch.cat(logits))  # Eq. 3: W = softplus(theta) (free)
         batch_size, num_patches, _ = patch_tokens.shape
         structural = patch_tokens.new_ones(batch_size, num_patches)
         if hypergraph.num_semantic == 0:
@@ -176,7 +176,8 @@ class HypergraphReasoner(nn.Module):
         visual = (members >= 0) & (members < num_patches)
         index = torch.where(visual, members, 0)
         member_affinity = torch.gather(affinity.transpose(1, 2), 2, index) * visual.to(affinity.dtype)
-        semantic = member_affinity.sum(dim=-1) / visual.sum(dim=-1).clamp_min(1).to(affinity.dtype)  # mean a_vp
+        count = visual.sum(dim=-1).clamp_min(1).to(affinity.dtype)
+        semantic = member_affinity.sum(dim=-1) / count  # Eq. 3: W of prompt p, the mean a_vp over its patches
         return torch.cat([structural, semantic], dim=1)
 
     def forward(

@@ -36,7 +36,7 @@ def text_anomaly_map(
     """M_txt ``(B, N)``: abnormal probability of each normalised patch token against the two semantic centres."""
     centres = torch.stack([normal_centre, anomaly_centre])  # (2, D)
     logits = logit_scale * patch_tokens @ centres.T  # (B, N, 2)
-    return torch.softmax(logits, dim=-1)[..., 1]
+    return torch.softmax(logits, dim=-1)[..., 1]  # Eq. 5: M_txt
 
 
 def visual_anomaly_map(gallery_tokens: torch.Tensor, support_gallery: torch.Tensor, *, chunk_size: int) -> torch.Tensor:
@@ -56,7 +56,7 @@ def visual_anomaly_map(gallery_tokens: torch.Tensor, support_gallery: torch.Tens
             gallery_tokens[:, layer], gallery, chunk_size=chunk_size, normalized=True
         )
         per_layer.append(0.5 * (1.0 - similarity))
-    return torch.stack(per_layer).mean(dim=0)
+    return torch.stack(per_layer).mean(dim=0)  # Eq. 5: M_vis
 
 
 def base_map(text_map: torch.Tensor, visual_map: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -253,7 +253,7 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         encoded = EncodedImages(*(torch.cat(parts) for parts in zip(*chunks, strict=True)))
         num_shots, layers, patches, width = encoded.gallery.shape
         self.support_gallery = encoded.gallery.permute(1, 0, 2, 3).reshape(layers, num_shots * patches, width)
-        self.support_embedding = F.normalize(encoded.embedding.mean(dim=0), dim=-1)  # G_s
+        self.support_embedding = encoded.embedding.mean(dim=0)  # Eq. 1 input G_s: mean of the normalised embeddings
         self.support_tokens = encoded.tokens
         self.support_view_gallery = self.support_view_gallery.new_empty(0, 0, 0)
         if num_shots == 1 and self.options.single_shot_gallery == "shifted_view":
@@ -281,7 +281,7 @@ class H2VLRModel(DynamicBufferMixin, nn.Module):
         self.semantic_centres = torch.stack([prompts.normal_centre, prompts.anomaly_centre]).detach().clone()
         if self.reasoner is not None and self.support_tokens.numel():
             node_scores = self.reasoner(self.support_tokens, prompts.embeddings, self.logit_scale).node_scores
-            self.residual_centre = node_scores.mean().detach().clone()  # mu: mean M_hg over the support images
+            self.residual_centre = node_scores.mean().detach().clone()  # Eq. 6: mu, mean M_hg over the support images
 
     def stored_prompts(self) -> PromptEmbeddings:
         """Return the encoded prompts kept in the buffers (what inference uses)."""

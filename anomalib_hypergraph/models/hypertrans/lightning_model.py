@@ -49,6 +49,7 @@ from anomalib_hypergraph.data.domains import (
 )
 from anomalib_hypergraph.hypergraph import HypergraphMemoryBank, greedy_coreset
 from anomalib_hypergraph.models.checkpoints import CheckpointGuard, CheckpointSpec
+from anomalib_hypergraph.models.evaluation import protocol_evaluator
 from anomalib_hypergraph.models.run_guard import RunGuard
 from anomalib_hypergraph.models.smoothing import check_blur_fits
 
@@ -333,6 +334,11 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             [Resize(size, antialias=True), Normalize(mean=list(data_config.mean), std=list(data_config.std))]
         )
         return CrossDomainPreProcessor(transform=transform)
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Anomalib's default test metrics plus pixel AU-PRO (FPR limit 0.3), as the paper reports."""
+        return protocol_evaluator()
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:

@@ -97,8 +97,8 @@ def channel_statistics(
     """
     patches, _ = _split_prefix(features, num_prefix_tokens)
     dims = _spatial_dims(patches)
-    avg = patches.mean(dim=dims, keepdim=True)
-    std = (patches.var(dim=dims, keepdim=True, correction=0) + eps).sqrt()
+    avg = patches.mean(dim=dims, keepdim=True)  # Eq. 3: avg(F), per channel over positions
+    std = (patches.var(dim=dims, keepdim=True, correction=0) + eps).sqrt()  # Eq. 3: std(F)
     return avg, std
 
 

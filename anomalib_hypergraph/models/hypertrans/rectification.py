@@ -86,8 +86,9 @@ class ResHGNN(nn.Module):
         bank = torch.cat(list(bank_parts))
         hidden = self.dropout(self.hidden(bank, hyperedges, bank_parts))
         hidden_parts = hidden.split([part.shape[0] for part in bank_parts])
-        rectified = self.alpha * self.c1.forward_attached(hidden, hyperedges, hidden_parts) + (1 - self.alpha) * bank
-        return rectified, hidden  # Eq. 9 on every bank vertex
+        residual = self.c1.forward_attached(hidden, hyperedges, hidden_parts)
+        rectified = self.alpha * residual + (1 - self.alpha) * bank  # Eq. 9
+        return rectified, hidden
 
 
 @dataclass

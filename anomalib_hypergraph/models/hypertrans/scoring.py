@@ -65,7 +65,8 @@ class CrossDomainScorer(DefaultedState, nn.Module):
         sigma: standard deviation of the Gaussian smoothing of the upsampled map (paper: 4); kernel size
             ``2 * int(4 * sigma + 0.5) + 1``.
         enabled_cross_domain: ablation switch. ``False`` replaces CDS by a plain nearest-neighbour baseline: one bank,
-            the union of the source and target banks, whose patch score serves as map and (by its maximum) image score.
+            the union of the source and target banks, whose patch score serves as map and, pooled as ``image_score``
+            says, as image score.
         source_fusion: how the source sub-hypergraph joins the target one: ``"weighted"`` (Eq. 18-19 with
             :attr:`source_weight`), ``"union"`` (the calibrated union of the module docstring) or ``"auto"`` (union
             when :meth:`fit` is told the source bank was translated from paired shots, weighted otherwise).
