@@ -35,12 +35,10 @@ from typing import Any
 
 import open_clip
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.data.transforms.utils import extract_transforms_by_type
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -52,7 +50,7 @@ from anomalib_hypergraph.data import few_shot_subset
 from anomalib_hypergraph.data.domains import TARGET, CrossDomainPreProcessor
 from anomalib_hypergraph.data.few_shot import ShotSelection, normal_positions
 from anomalib_hypergraph.models.checkpoints import CheckpointGuard, CheckpointSpec
-from anomalib_hypergraph.models.evaluation import protocol_evaluator
+from anomalib_hypergraph.models.module_defaults import TrainedFewShotDefaults
 from anomalib_hypergraph.models.run_guard import RunGuard
 from anomalib_hypergraph.models.smoothing import check_blur_fits
 
@@ -148,7 +146,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
 )
 
 
-class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
+class H2VLR(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModule):
     """H2VLR: few-shot anomaly detection by heterogeneous hypergraph vision-language reasoning.
 
     Every keyword argument but the four anomalib components below is an option of
@@ -282,26 +280,6 @@ class H2VLR(RunGuard, CheckpointGuard, AnomalibModule):
             raise ValueError(msg)
         transform = Compose([Resize(native_size, antialias=True, interpolation=InterpolationMode.BICUBIC)])
         return CrossDomainPreProcessor(transform=transform)
-
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Anomalib's default test metrics plus pixel AU-PRO (FPR limit 0.3), as the paper reports."""
-        return protocol_evaluator()
-
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """Anomalib's default post-processing (normalisation and adaptive thresholds from validation)."""
-        return PostProcessor()
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No trainer overrides: the user's ``--trainer.*`` flags are honoured as given."""
-        return {}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """``ONE_CLASS``: trained on normal shots only and (unlike ``FEW_SHOT``) really trained by ``Engine.fit``."""
-        return LearningType.ONE_CLASS
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """SGD over the learnable parts (prompt contexts, Local tokens, Psi, hypergraph layers and weights, heads)."""

@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
@@ -49,7 +47,7 @@ from anomalib_hypergraph.data.domains import (
 )
 from anomalib_hypergraph.hypergraph import HypergraphMemoryBank, greedy_coreset
 from anomalib_hypergraph.models.checkpoints import CheckpointGuard, CheckpointSpec
-from anomalib_hypergraph.models.evaluation import protocol_evaluator
+from anomalib_hypergraph.models.module_defaults import TrainedFewShotDefaults
 from anomalib_hypergraph.models.run_guard import RunGuard
 from anomalib_hypergraph.models.smoothing import check_blur_fits
 
@@ -122,7 +120,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
 )
 
 
-class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
+class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModule):
     """HyperTrans: cross-domain few-shot anomaly detection with hypergraph domain transfer.
 
     Args:
@@ -334,26 +332,6 @@ class HyperTrans(RunGuard, CheckpointGuard, AnomalibModule):
             [Resize(size, antialias=True), Normalize(mean=list(data_config.mean), std=list(data_config.std))]
         )
         return CrossDomainPreProcessor(transform=transform)
-
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Anomalib's default test metrics plus pixel AU-PRO (FPR limit 0.3), as the paper reports."""
-        return protocol_evaluator()
-
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """Anomalib's default one-class post-processing (normalisation and adaptive thresholds from validation)."""
-        return PostProcessor()
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No trainer overrides: the user's ``--trainer.*`` flags are honoured as given."""
-        return {}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """``ONE_CLASS``: trained on normal images only and (unlike ``FEW_SHOT``) really trained by ``Engine.fit``."""
-        return LearningType.ONE_CLASS
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """Adam over the adapters (stage 1). Stage 2's optimiser lives inside the bank epoch, see ``_finish_fit``."""
