@@ -267,12 +267,13 @@ def test_loss_decreases_over_a_few_steps() -> None:
 def test_support_feature_is_the_mean_of_the_shots_unit_embeddings() -> None:
     """Eq. 1's G_s: the mean of the normalised image embeddings, not normalised again (shorter for unlike shots)."""
     model = H2VLRModel(class_name="bottle", **TINY_MODEL_KWARGS)
-    shots = torch.rand(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(13))
-    model.set_support(shots)
+    shots = torch.zeros(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    shots[1] = 1.0
+    model.set_support(shots)  # a black and a white shot: unlike embeddings, so their mean is visibly shorter than 1
     unit = model.encode(shots).embedding
     torch.testing.assert_close(unit.norm(dim=-1), torch.ones(2))
     torch.testing.assert_close(model.support_embedding, unit.mean(dim=0))
-    assert float(model.support_embedding.norm()) < 0.999
+    assert float(model.support_embedding.norm()) < 0.95
 
 
 def test_ablation_switches_remove_their_parts() -> None:
