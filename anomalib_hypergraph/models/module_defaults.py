@@ -5,27 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from anomalib import LearningType
-from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.metrics import AUPRO, Evaluator
+from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 
 AUPRO_FPR_LIMIT = 0.3
 
 
 def protocol_evaluator() -> Evaluator:
-    """Image AUROC / F1, pixel AUROC / F1 (anomalib's defaults) and pixel AU-PRO up to a false-positive rate of 0.3.
+    """Anomalib's default test metrics (image AUROC / F1, pixel AUROC / F1) plus pixel AU-PRO up to an FPR of 0.3.
 
-    AU-PRO is what both papers report beside the AUROCs; anomalib's default evaluator leaves it out. Pixel metrics are
-    skipped (``strict=False``) when a data set has no masks, as anomalib's own pixel metrics are.
+    AU-PRO is what both papers report beside the AUROCs; anomalib's default evaluator leaves it out. Like anomalib's own
+    pixel metrics it is skipped (``strict=False``) when a data set has no masks.
     """
-    return Evaluator(
-        test_metrics=[
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=AUPRO_FPR_LIMIT),
-        ]
-    )
+    defaults = AnomalibModule.configure_evaluator()
+    aupro = AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False, fpr_limit=AUPRO_FPR_LIMIT)
+    return Evaluator(val_metrics=list(defaults.val_metrics), test_metrics=[*defaults.test_metrics, aupro])
 
 
 class TrainedFewShotDefaults:
