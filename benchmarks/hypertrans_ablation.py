@@ -70,6 +70,7 @@ from anomalib_hypergraph.data import SYNTHETIC_CATEGORIES, generate_synthetic_mv
 from anomalib_hypergraph.data.domains import SOURCE, TARGET
 from anomalib_hypergraph.data.sensor_shift import SENSORS, rgb_view, simulate_sensor
 from anomalib_hypergraph.hypergraph import chunked_knn, greedy_coreset
+from anomalib_hypergraph.models.hypertrans.denoising import NoiseStatistics, gaussian_kernel, separable_blur
 from anomalib_hypergraph.models.hypertrans.scoring import CrossDomainScorer
 from anomalib_hypergraph.models.hypertrans.sensor_map import SensorTranslation
 from anomalib_hypergraph.models.hypertrans.torch_model import (
@@ -102,6 +103,7 @@ class Pipeline:
     rectify_translated: bool = False  # rectify_translated_source: HDR also on the translated source bank
     direction: str = "bank"  # translation_direction: how the paired shots bridge the sensors (model default)
     registration: float = 1.0  # pair_registration: largest offset (patches) at which the pairs may be read (default)
+    denoising: float | str = "auto"  # target_denoising: the filter of target images (default: chosen from the shots)
 
 
 PIPELINES = {
@@ -116,13 +118,14 @@ PIPELINES = {
     "auto": Pipeline(direction="auto"),
     "query": Pipeline(direction="query"),
     "unregistered": Pipeline(registration=0.0),
+    "unfiltered": Pipeline(denoising=0.0),
     "paper": Pipeline(views="none", pairs=False),
 }
 ABLATIONS = {
     "all": tuple(PIPELINES),
     "extensions": ("default", "no_pairs", "no_source", "all_views", "no_views", "paper"),
-    "goals": ("default", "no_pairs", "no_source", "query"),
-    "paired": ("default", "unregistered", "query"),
+    "goals": ("default", "no_pairs", "no_source", "query", "unfiltered"),
+    "paired": ("default", "unregistered", "query", "unfiltered"),
 }
 # Rows: (pipeline, scorer options). The defaults are HyperTrans' defaults.
 DEFAULT_ROW = "HyperTrans (default, paired shots)"
@@ -139,6 +142,7 @@ ROWS = {
     "  direction chosen at fit time (translation_direction=auto)": ("auto", {}),
     "  queries mapped into the source space (translation_direction=query)": ("query", {}),
     "  - pair registration (pairs read as captured, pair_registration=0)": ("unregistered", {}),
+    "  - target filter (target_denoising=0)": ("unfiltered", {}),
     "  test-time views never (test_views=false)": ("default", {"test_views": False}),
     "  test-time views always (test_views=true)": ("default", {"test_views": True}),
     "  test-time views always, max pooling": ("default", {"test_views": True, "image_score": "max"}),
@@ -152,6 +156,8 @@ PROBE_ROW = "probe: ridge target->source, max-pooled (the floor)"
 PATCHCORE_ROWS = ("PatchCore target-only", "PatchCore source+target")
 # Not stock anomalib: PatchCore given the dihedral shot views in its target bank.
 AUGMENTED_PATCHCORE_ROW = "PatchCore target-only, dihedral shots (not stock)"
+# Not stock anomalib: PatchCore on shots and test images filtered by the blur the default HyperTrans chose.
+FILTERED_PATCHCORE_ROW = "PatchCore target-only, images filtered as HyperTrans chose (not stock)"
 
 
 @dataclass
@@ -281,6 +287,7 @@ def hypertrans_model(pipeline: Pipeline, seed: int) -> HyperTransModel:
         translation_direction=pipeline.direction,
         pair_registration=pipeline.registration,
         shot_augmentation=pipeline.views,
+        target_denoising=pipeline.denoising,
         seed=seed,
     )
 
@@ -295,12 +302,17 @@ def train_dp(model: HyperTransModel, images: torch.Tensor, epochs: int) -> None:
     model.train_perturbation(epoch_batches, epochs=epochs, lr=1e-3)
 
 
-def embed_views(model: HyperTransModel, images: torch.Tensor, views: bool) -> torch.Tensor:
-    """Patch rows ``(N, V, rows, C)`` of images in every candidate view (``views``) or as they are."""
+def embed_views(model: HyperTransModel, images: torch.Tensor, views: bool, *, target: bool = False) -> torch.Tensor:
+    """Patch rows ``(N, V, rows, C)`` of images in every candidate view (``views``) or as they are.
+
+    ``target``: the images are the target sensor's, filtered by the model's target filter as it filters them.
+    """
     with torch.no_grad():
         out = []
         for image in images:
-            picked = model.candidate_views(NORMALISE(image[None])) if views else [NORMALISE(image[None])]
+            normalised = NORMALISE(image[None])
+            normalised = model.denoiser(normalised) if target else normalised
+            picked = model.candidate_views(normalised) if views else [normalised]
             out.append(torch.stack([model.embed(view) for view in picked]))
         return torch.stack(out)
 
@@ -342,10 +354,28 @@ def pool_rows(
     prepared: Prepared, model: HyperTransModel, split: CrossDomainSplit, index: int, kind: str
 ) -> torch.Tensor:
     """Rows ``(V, rows, C)`` of one pool image in every candidate view: the target shot or its paired source image."""
-    key = (index, kind)
+    key = (index, kind, float(model.denoiser.sigma) if kind == TARGET else 0.0)
     if key not in prepared.cache:
         images = split.target_pool if kind == TARGET else split.target_pool_pairs
-        prepared.cache[key] = embed_views(model, images[index : index + 1], views=True)[0]
+        prepared.cache[key] = embed_views(model, images[index : index + 1], views=True, target=kind == TARGET)[0]
+    return prepared.cache[key]
+
+
+def fit_target_filter(model: HyperTransModel, images: torch.Tensor) -> None:
+    """The target filter from the shots ``images`` (in [0, 1]), as the Lightning module chooses it."""
+    auto = model.denoiser.option == "auto"
+    model.fit_target_denoising(NoiseStatistics.of(NORMALISE(images), model.denoiser.candidates) if auto else None)
+
+
+def filtered_test_features(prepared: Prepared, model: HyperTransModel, split: CrossDomainSplit) -> torch.Tensor:
+    """Test features through the model's target filter (the prepared ones when it has none), cached per blur."""
+    sigma = float(model.denoiser.sigma)
+    if sigma == 0:
+        return prepared.test_features
+    key = ("test", sigma)
+    if key not in prepared.cache:
+        with torch.no_grad():
+            prepared.cache[key] = torch.cat([model.extract(model.denoiser(images)) for images in batches(split.test)])
     return prepared.cache[key]
 
 
@@ -387,20 +417,22 @@ def run_pipeline(
             model.perturbation.load_state_dict(prepared.adapters)
         model.eval()
         views = model.choose_shot_views(prepared.probe_views, prepared.held_out)
+        fit_target_filter(model, split.target_pool[shots])
         shot_rows = torch.stack([pool_rows(prepared, model, split, index, TARGET) for index in shots])  # (k, V, r, C)
-        test_features = prepared.test_features
+        test_features = filtered_test_features(prepared, model, split)
         model.memory_bank.set(SOURCE, prepared.source_bank)
     else:  # a single-domain run: DP on the shots, views judged on the shots themselves
         if pipeline.dp:
             train_dp(model, split.target_pool[shots], args.epochs_perturbation)
         model.eval()
-        shot_rows = embed_views(model, split.target_pool[shots], views=True)
+        fit_target_filter(model, split.target_pool[shots])
+        shot_rows = embed_views(model, split.target_pool[shots], views=True, target=True)
         probe, held_out = (shot_rows[:1], shot_rows[1:, 0]) if len(shots) > 1 else (shot_rows, shot_rows[:0, 0])
         views = model.choose_shot_views(
             [probe[:, view].flatten(0, 1) for view in range(probe.shape[1])], held_out.flatten(0, 1), from_source=False
         )
         with torch.no_grad():
-            test_features = torch.cat([model.extract(images) for images in batches(split.test)])
+            test_features = torch.cat([model.extract(model.denoiser(images)) for images in batches(split.test)])
     kept = model.shot_view_indices.tolist()
     model.memory_bank.set(TARGET, shot_rows[:, kept].flatten(0, 2))
     pairs = None
@@ -427,7 +459,7 @@ def run_pipeline(
                 maps[domain].append(value.reshape(block.shape[0], height, width))
         view_maps: dict[str, list[torch.Tensor]] = defaultdict(list)
         for images in batches(split.test, 8) if test_views else ():
-            for domain, value in model.view_averaged_distances(images).items():
+            for domain, value in model.view_averaged_distances(model.denoiser(images)).items():
                 view_maps[domain].append(value)
     return PipelineResult(
         model=model,
@@ -489,12 +521,23 @@ def anomalib_coreset(rows: torch.Tensor, ratio: float, seed: int) -> torch.Tenso
     return KCenterGreedy(embedding=rows, sampling_ratio=ratio).sample_coreset()
 
 
-def patchcore_scores(model: PatchcoreModel, bank: torch.Tensor, split: CrossDomainSplit) -> tuple:
+def patchcore_scores(
+    model: PatchcoreModel, bank: torch.Tensor, split: CrossDomainSplit, test: torch.Tensor | None = None
+) -> tuple:
+    """PatchCore's scores and maps of the test images (``test``: the same images, e.g. filtered)."""
     model.memory_bank = bank
     model.eval()
     with torch.no_grad():
-        outputs = [model(block) for block in batches(split.test, 8)]
+        outputs = [model(block) for block in batches(split.test if test is None else test, 8)]
     return torch.cat([o.pred_score for o in outputs]), torch.cat([o.anomaly_map for o in outputs])
+
+
+def blurred(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``images`` through a Gaussian of ``sigma`` pixels (as they are for 0), as HyperTrans' target filter."""
+    if sigma == 0:
+        return images
+    kernel = gaussian_kernel(sigma)
+    return torch.cat([separable_blur(part, kernel) for part in images.split(16)])
 
 
 def probe_scores(
@@ -547,7 +590,7 @@ def print_table(title: str, results: dict, shots: Sequence[int], extras: dict) -
     header += " fusion | views kept | test views read (ratio) | Eq. 10 fallback |"
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
-    for name in [*ROWS, PROBE_ROW, *PATCHCORE_ROWS, AUGMENTED_PATCHCORE_ROW]:
+    for name in [*ROWS, PROBE_ROW, *PATCHCORE_ROWS, AUGMENTED_PATCHCORE_ROW, FILTERED_PATCHCORE_ROW]:
         if not results[(name, shots[0])]:
             continue  # a row this run's --ablation left out
         cells = []
@@ -570,6 +613,9 @@ def print_table(title: str, results: dict, shots: Sequence[int], extras: dict) -
         fallback = [value for value in extras.get(("fallback", name), []) if not math.isnan(value)]
         line += f" {mean(fallback):.1%} |" if fallback else " - |"
         print(line)
+    if extras.get(("blur", shots[0])):
+        chosen = "; ".join(f"{k}-shot {sorted(extras[('blur', k)])}" for k in shots)
+        print(f"\nTarget filter chosen by the default (blur sigma in pixels, per fit): {chosen}")
     for row in (DEFAULT_ROW, UNPAIRED_ROW):
         if not results[(row, shots[0])]:
             continue
@@ -598,7 +644,7 @@ def print_kinds(results: dict, shots: Sequence[int]) -> None:
     header = "| variant | " + " | ".join(names) + " |"
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
-    for name in [*ROWS, PROBE_ROW, *PATCHCORE_ROWS, AUGMENTED_PATCHCORE_ROW]:
+    for name in [*ROWS, PROBE_ROW, *PATCHCORE_ROWS, AUGMENTED_PATCHCORE_ROW, FILTERED_PATCHCORE_ROW]:
         if not results[(name, shots[0])]:
             continue
         cells = [
@@ -711,6 +757,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                     banks = (target, torch.cat([target, source_coreset]), augmented)
                     for row, bank in zip((*PATCHCORE_ROWS, AUGMENTED_PATCHCORE_ROW), banks, strict=True):
                         results[(row, k_shot)].append(metrics(split, *patchcore_scores(baseline, bank, split)))
+                    if "default" in pipelines:  # the same filter in front of PatchCore, to show what it alone gives
+                        sigma = float(pipelines["default"].model.denoiser.sigma)
+                        bank = patchcore_embed(baseline, blurred(split.target_pool[shots], sigma))
+                        scored = patchcore_scores(baseline, bank, split, blurred(split.test, sigma))
+                        results[(FILTERED_PATCHCORE_ROW, k_shot)].append(metrics(split, *scored))
+                        extras[("blur", k_shot)].append(sigma)
                     progress = ", ".join(
                         f"{row.strip(' -')} {results[(row, k_shot)][-1]['image_AUROC']:.3f}"
                         for row in (DEFAULT_ROW, UNPAIRED_ROW, PROBE_ROW, *PATCHCORE_ROWS)

@@ -51,6 +51,7 @@ from anomalib_hypergraph.models.module_defaults import TrainedFewShotDefaults
 from anomalib_hypergraph.models.run_guard import RunGuard
 from anomalib_hypergraph.models.smoothing import check_blur_fits
 
+from .denoising import DenoisingReport, NoiseStatistics
 from .sensor_map import DEFAULT_RIDGE_CANDIDATES
 from .torch_model import (
     VIEW_PROBE_IMAGES,
@@ -107,6 +108,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "shot_augmentation",  # shapes the banks, which the checkpoint holds
             "view_min_share",  # chooses the shot views at fit time (the banks hold the result)
             "test_view_tolerance",  # decides at fit time whether "auto" reads test views (a buffer holds the result)
+            "target_denoising",  # chooses the target filter at fit time (a buffer holds the kernel)
             "use_paired_shots",  # translates the source bank at fit time (the banks hold the result)
             "translation_ridge",
             "pair_registration",  # decides at fit time how the pairs are read (the map the checkpoint holds)
@@ -160,6 +162,9 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
             logged; ``true`` / ``false``: always / never. One backbone pass and search per view read.
         test_view_tolerance: how much farther (relative median patch distance) turned normal images may lie from the
             other normal images than unturned ones for ``test_views="auto"`` to read the views (default 0.1).
+        target_denoising: low-pass filter of every target-sensor image (ours): ``"auto"`` (default) a Gaussian blur
+            of 0 to 3 pixels chosen from the shots at fit time (their noise level and Stein's unbiased risk estimate;
+            logged), a number a fixed blur sigma in pixels, 0 none (the paper).
         sigma: Gaussian smoothing of the anomaly map (paper: 4).
         chunk_size: rows per block in distance computations.
         search_backend: bank search, ``"exact"`` (default), ``"faiss_flat"`` (exact), ``"faiss_ivf"`` or
@@ -223,6 +228,7 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
         view_min_share: float = 0.25,
         test_views: TestViews = "auto",
         test_view_tolerance: float = 0.1,
+        target_denoising: float | str = "auto",
         sigma: float = 4.0,
         chunk_size: int = 2048,
         search_backend: str = "exact",
@@ -286,6 +292,7 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
             view_min_share=view_min_share,
             test_views=test_views,
             test_view_tolerance=test_view_tolerance,
+            target_denoising=target_denoising,
             sigma=sigma,
             chunk_size=chunk_size,
             search_backend=search_backend,
@@ -310,6 +317,10 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
         self._perturbation_epochs_planned = self.epochs_perturbation
         self._provisional_target_bank: torch.Tensor | None = None
         self._staged_domains: set[str] = set()
+        # Shots of the bank epoch as they came (images, paths, paired source captures), embedded once the target
+        # filter is chosen from all of them; and the statistics that choice needs, per batch.
+        self._staged_shots: list[tuple[torch.Tensor, list[str], torch.Tensor | None]] = []
+        self._noise_statistics: list[NoiseStatistics] = []
         # Staging of the bank epoch (not in checkpoints): shots and their pairs in every view, the view probes.
         self._stage = HypergraphMemoryBank(domains=(TARGET, PAIRED_SOURCE, VIEW_PROBE), persistent=False)
         self._probe_key_limit = 0
@@ -412,11 +423,10 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
 
         Source images go to the memory bank as they are; those among the first source images by key (a hash of the
         path, see :func:`~.torch_model.view_probe_split`) are also seen in every view, for the choice of shot views.
-        Shots and their paired source captures are staged in every candidate view under the *shot's* keys, so that
-        after sorting by key row ``i`` of one is the pair of row ``i`` of the other. Which views enter the target bank
-        is decided in :meth:`_finish_fit`.
+        Shots and their paired source captures are kept as images until :meth:`_finish_fit` has chosen the target
+        filter from all shots (:meth:`_stage_shots`). Which views enter the target bank is decided there too.
         """
-        source_root, target_root = self._key_roots.get(SOURCE), self._key_roots.get(TARGET)
+        source_root = self._key_roots.get(SOURCE)
         if source is not None:
             features = self.model.extract(source.image)
             patches = features.shape[-2] * features.shape[-1]
@@ -431,14 +441,31 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
                 probe_paths = [source.image_path[index] for index in probes]
                 self._stage_views(VIEW_PROBE, source.image[probes], probe_paths, source_root)
             self._staged_domains.add(SOURCE)
-        self._stage_views(TARGET, target.image, target.image_path, target_root)
-        self._staged_domains.add(TARGET)
-        if pairs is not None:
-            self._stage_views(PAIRED_SOURCE, pairs.image, target.image_path, target_root)
-            self._staged_domains.add(PAIRED_SOURCE)
+        self._staged_shots.append((target.image, list(target.image_path), pairs.image if pairs is not None else None))
+        self._noise_statistics.append(NoiseStatistics.of(target.image, self.model.denoiser.candidates))
+
+    def _stage_shots(self) -> DenoisingReport | None:
+        """Choose the target filter from every shot (all ranks), then stage the filtered shots and their pairs.
+
+        Shots and their paired source captures are staged in every candidate view under the *shot's* keys, so that
+        after sorting by key row ``i`` of one is the pair of row ``i`` of the other.
+        """
+        auto = self.model.denoiser.option == "auto"
+        report = self.model.fit_target_denoising(NoiseStatistics.combined(self._noise_statistics) if auto else None)
+        target_root = self._key_roots.get(TARGET)
+        for images, paths, pairs in self._staged_shots:
+            self._stage_views(TARGET, self.model.denoiser(images), paths, target_root)
+            self._staged_domains.add(TARGET)
+            if pairs is not None:
+                self._stage_views(PAIRED_SOURCE, pairs, paths, target_root)
+                self._staged_domains.add(PAIRED_SOURCE)
+        self._staged_shots.clear()
+        self._noise_statistics.clear()
+        return report
 
     def _finish_fit(self) -> None:
         """Choose the shot views, finalise the banks, run stage 2 (HDR), store what inference needs; stop training."""
+        denoising = self._stage_shots()
         memory, stage = self.model.memory_bank, self._stage
         channels = self.model.feature_extractor.feature_dim
         target_rows, target_keys = stage.collect(TARGET)
@@ -480,6 +507,10 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
             pairs=pairs,
         )
         logger.info(
+            "HyperTrans target filter: %s.",
+            denoising or f"fixed blur sigma {float(self.model.denoiser.sigma):g} px (target_denoising)",
+        )
+        logger.info(
             "HyperTrans shot views: kept %s of %d%s; test images are read %s.",
             views.kept,
             self._num_views,
@@ -518,6 +549,7 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
         self.log("train/source_weight", report.source_weight)
         self.log("train/shot_views", float(len(views.kept)))
         self.log("train/test_views", float(self.model.reads_test_views))
+        self.log("train/target_blur_sigma", float(self.model.denoiser.sigma))
         if report.losses:
             self.log("train/loss_dr_first", report.losses[0])
             self.log("train/loss_dr", report.losses[-1], prog_bar=True)

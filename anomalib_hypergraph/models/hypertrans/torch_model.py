@@ -4,6 +4,7 @@ The model of Algorithm 1 in the HyperTrans paper, as one ``nn.Module``:
 
 - a frozen patch-feature backbone whose stages carry zero-initialised adapters trained under Perlin-AdaIN domain
   perturbation (DP, Eq. 3-7; :mod:`.perturbation`);
+- a low-pass filter of the target sensor's images, chosen from the shots at fit time (ours; :mod:`.denoising`);
 - a memory of patch features per domain: the source bank (greedy coreset of the source training images) and the
   target bank (all patches of the k target shots), both through the adapted backbone;
 - hypergraph domain rectification (HDR, Eq. 8-11; :mod:`.rectification`): a residual HGNN trained on the cross-domain
@@ -51,6 +52,7 @@ from anomalib_hypergraph.hypergraph import (
 )
 from anomalib_hypergraph.models.state import DefaultedState
 
+from .denoising import DenoisingReport, NoiseStatistics, TargetDenoiser
 from .perturbation import DomainPerturbation, perturbation_loss
 from .rectification import ResHGNN, pseudo_features, train_rectifier
 from .scoring import CrossDomainScorer, DomainWeighting, ImageScore, SourceFusion
@@ -194,6 +196,11 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             always reads the kept views, ``False`` never. Reading costs one backbone pass and search per view.
         test_view_tolerance: the relative increase of the median nearest distance that ``test_views="auto"`` accepts
             (default 0.1: turned normal images at most 10 % farther from the other normal images than unturned).
+        target_denoising: low-pass filter of every target-domain image before its features are extracted (ours,
+            :mod:`.denoising`): ``"auto"`` (default) chooses a Gaussian blur of 0 to 3 pixels at fit time from the
+            target shots alone (their noise level, estimated at the finest scale, and the blur with the lowest Stein
+            unbiased risk), so a noisy, coarse sensor is filtered and a sharp one is not; a number is a fixed blur
+            sigma in pixels (0: none, as the paper). Source images are never filtered.
         sigma: Gaussian smoothing of the upsampled anomaly map (paper: 4).
         chunk_size: rows per block in every distance computation (memory vs speed).
         search_backend: how the per-domain banks are searched (:class:`~anomalib_hypergraph.hypergraph.BankIndex`):
@@ -260,6 +267,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         view_min_share: float = 0.25,
         test_views: TestViews = "auto",
         test_view_tolerance: float = 0.1,
+        target_denoising: float | str = "auto",
         sigma: float = 4.0,
         chunk_size: int = 2048,
         search_backend: str = "exact",
@@ -310,6 +318,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         self.view_min_share = view_min_share
         self.test_views = test_views
         self.test_view_tolerance = test_view_tolerance
+        self.denoiser = TargetDenoiser(target_denoising)  # fitted on the shots (fit_target_denoising)
         self.chunk_size = chunk_size
         self.seed = seed
 
@@ -404,6 +413,19 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Bank-ready patch descriptors (B*h*w, C) of images through the adapted, unperturbed backbone."""
         return flatten_patches(self.extract(images))
+
+    def fit_target_denoising(self, statistics: NoiseStatistics | None) -> DenoisingReport | None:
+        """Choose (``target_denoising="auto"``) or set the filter of target images; before the shots are embedded.
+
+        Args:
+            statistics: :class:`~.denoising.NoiseStatistics` of the target shots as they are (gathered from every
+                rank); only ``"auto"`` needs them.
+
+        Returns:
+            How ``"auto"`` chose (None for a fixed blur).
+
+        """
+        return self.denoiser.fit(statistics)
 
     def candidate_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Return every view of target shots that may enter the target bank (see ``shot_augmentation``), shot first."""
@@ -758,6 +780,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
                 "or load a trained checkpoint."
             )
             raise RuntimeError(msg)
+        images = self.denoiser(images)  # the target sensor's images as the shots were banked
         if not self.reads_test_views:
             return self.score_features(self.extract(images), tuple(images.shape[-2:]))
         return self.score_grids(self.view_averaged_distances(images), tuple(images.shape[-2:]))
@@ -883,7 +906,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         For progress checks before the banks are built (validation during stage 1, against the embedded shots). The
         bank is small and new at every call, so it is searched exactly whatever ``search_backend`` is.
         """
-        features = self.extract(images)
+        features = self.extract(self.denoiser(images))
         batch_size, _, height, width = features.shape
         distances, _ = chunked_knn(flatten_patches(features), bank, 1, chunk_size=self.chunk_size)
         pred_score, anomaly_map = self.scorer(
