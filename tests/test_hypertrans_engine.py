@@ -18,6 +18,7 @@ from PIL import Image
 
 from anomalib_hypergraph.data import CrossDomainDataModule, FewShot, MVTec3DCrossDomain
 from anomalib_hypergraph.models import HyperTrans
+from anomalib_hypergraph.models.hypertrans.denoising import gaussian_kernel
 from tests.test_cross_domain import folder_camera
 
 
@@ -315,17 +316,28 @@ def test_engine_reads_the_pairs_of_cameras_mounted_apart_at_their_offset(
     assert sorted(alignment) == sorted([(-1.0, -1.0, 1.0), (-1.0, 1.0, 1.0), (1.0, -1.0, 1.0), (1.0, 1.0, 1.0)] * 2)
 
 
-@pytest.mark.parametrize("test_views", [False, True], ids=["as trained", "test-time views"])
-def test_onnx_export_scores_like_the_torch_model(trained: dict, tmp_path: Path, test_views: bool) -> None:
+@pytest.mark.parametrize(
+    ("test_views", "target_blur"),
+    [(False, None), (True, None), (False, 1.5)],
+    ids=["as trained", "test-time views", "target filter"],
+)
+def test_onnx_export_scores_like_the_torch_model(
+    trained: dict, tmp_path: Path, test_views: bool, target_blur: float | None
+) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
     model: HyperTrans = trained["model"]
+    denoiser = model.model.denoiser
+    chosen = (denoiser.kernel.clone(), denoiser.sigma.clone())
     model.model.test_views = test_views
+    if target_blur is not None:
+        denoiser.kernel, denoiser.sigma = gaussian_kernel(target_blur), torch.tensor(target_blur)
     try:
         exported = trained["engine"].export(model=model, export_type=ExportType.ONNX, export_root=tmp_path)
         session = onnxruntime.InferenceSession(str(exported))
         check_onnx_session(model, session)
     finally:
         model.model.test_views = False
+        denoiser.kernel, denoiser.sigma = chosen
 
 
 def check_onnx_session(model: HyperTrans, session: Any) -> None:
