@@ -68,17 +68,25 @@ def test_a_sharp_noise_free_sensor_is_left_as_it_is() -> None:
     assert report.sigma == 0.0
 
 
-def test_statistics_of_batches_combine_as_those_of_all_images_at_once() -> None:
+def test_statistics_of_batches_combine_as_those_of_all_images_at_once_and_a_repeated_shot_counts_once() -> None:
     images = noisy(coarse_scene(count=5), 0.03)
-    parts = [
-        NoiseStatistics.of(images[:2], DEFAULT_BLUR_CANDIDATES),
-        NoiseStatistics.of(images[2:], DEFAULT_BLUR_CANDIDATES),
-    ]
-    combined = choose_blur(NoiseStatistics.combined(parts), DEFAULT_BLUR_CANDIDATES)
-    whole = choose_blur(NoiseStatistics.of(images, DEFAULT_BLUR_CANDIDATES), DEFAULT_BLUR_CANDIDATES)
-    assert combined.sigma == whole.sigma
-    assert combined.risks == pytest.approx(whole.risks, rel=1e-6)
-    assert combined.noise == pytest.approx(whole.noise, rel=1e-6)
+    candidates = DEFAULT_BLUR_CANDIDATES
+    whole = choose_blur(NoiseStatistics.of(images, candidates), candidates)
+    first, second = (
+        NoiseStatistics.of(images[:2], candidates),
+        NoiseStatistics.of(images[2:], candidates, torch.arange(2, 5)),
+    )
+    repeated = NoiseStatistics.of(images[1:3], candidates, torch.arange(1, 3))  # a cycled loader's second pass
+    for parts in ([first, second], [first, repeated, second]):
+        combined = choose_blur(NoiseStatistics.combined(parts), candidates)
+        assert combined.sigma == whole.sigma
+        assert combined.risks == pytest.approx(whole.risks, rel=1e-9)
+        assert combined.noise == pytest.approx(whole.noise, rel=1e-9)
+    # Without its key the repeat would count twice and move the statistics.
+    doubled = NoiseStatistics.of(images[1:3], candidates, torch.arange(10, 12))
+    assert choose_blur(NoiseStatistics.combined([first, doubled, second]), candidates).risks != pytest.approx(
+        whole.risks, rel=1e-9
+    )
 
 
 def test_the_filter_keeps_a_constant_image_and_its_size_at_the_borders() -> None:

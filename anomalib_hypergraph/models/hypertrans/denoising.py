@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from anomalib.models.components.base import DynamicBufferMixin
-from torch import nn
+from torch import distributed, nn
 from torch.nn import functional
 
 from anomalib_hypergraph.hypergraph.distributed import gather_rows
@@ -69,44 +69,92 @@ def diagonal_haar(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class NoiseStatistics:
-    """What the choice of blur needs from a set of images, in a form that sums over batches and ranks.
+    """What the choice of blur needs from a set of images, per image, so that repeats can be dropped.
 
-    ``haar``: absolute diagonal Haar coefficients, one row per coefficient and a column per channel; ``residual``:
-    per candidate (rows) and channel (columns), the sum over pixels of ``(B_sigma y - y)^2``; ``pixels``: pixels per
-    channel summed.
+    Target loaders repeat shots (a cycled loader, DDP padding), and a repeated shot must not weigh twice: every image
+    carries its key, and :meth:`combined` keeps one copy per key.
+
+    ``keys``: ``(n,)`` image keys; ``residual``: ``(n, candidates, C)``, per image the sum over pixels of
+    ``(B_sigma y - y)^2``; ``pixels``: ``(n,)`` pixels per channel; ``haar``: ``(m, C)`` absolute diagonal Haar
+    coefficients of all images, ``haar_image``: ``(m,)`` the image (row of ``keys``) each coefficient row belongs to.
     """
 
-    haar: torch.Tensor
+    keys: torch.Tensor
     residual: torch.Tensor
-    pixels: int
+    pixels: torch.Tensor
+    haar: torch.Tensor
+    haar_image: torch.Tensor
 
     @classmethod
-    def of(cls, images: torch.Tensor, candidates: Sequence[float]) -> NoiseStatistics:
-        """Statistics of one batch ``(B, C, H, W)``."""
+    def of(cls, images: torch.Tensor, candidates: Sequence[float], keys: torch.Tensor | None = None) -> NoiseStatistics:
+        """Statistics of one batch ``(B, C, H, W)``; ``keys`` ``(B,)`` name its images (default: 0 .. B - 1)."""
+        count, channels = images.shape[:2]
+        keys = torch.arange(count) if keys is None else keys.detach().to("cpu", torch.long)
         with torch.no_grad():
-            haar = diagonal_haar(images).abs().permute(0, 2, 3, 1).reshape(-1, images.shape[1])
+            haar = diagonal_haar(images).abs().permute(0, 2, 3, 1).reshape(count, -1, channels)
             residual = torch.stack(
                 [
-                    (separable_blur(images, gaussian_kernel(sigma)) - images).square().sum(dim=(0, 2, 3))
+                    (separable_blur(images, gaussian_kernel(sigma)) - images).square().sum(dim=(2, 3))
                     if sigma > 0
-                    else images.new_zeros(images.shape[1])
+                    else images.new_zeros(count, channels)
                     for sigma in candidates
-                ]
+                ],
+                dim=1,
             )
-        pixels = images.shape[0] * images.shape[-2] * images.shape[-1]
-        return cls(haar=haar.float(), residual=residual.double(), pixels=pixels)
+        return cls(
+            keys=keys,
+            residual=residual.double().cpu(),
+            pixels=torch.full((count,), float(images.shape[-2] * images.shape[-1]), dtype=torch.float64),
+            haar=haar.reshape(-1, channels).float().cpu(),
+            haar_image=torch.arange(count).repeat_interleave(haar.shape[1]),
+        )
 
     @classmethod
     def combined(cls, parts: Iterable[NoiseStatistics]) -> NoiseStatistics:
-        """Combine the statistics of all parts of this rank with every other rank's (a collective under DDP)."""
+        """All parts of this rank and of every other rank (a collective under DDP), one copy of each image."""
         parts = list(parts)
         if not parts:
             msg = "NoiseStatistics.combined needs the statistics of at least one batch of target images."
             raise ValueError(msg)
-        haar = gather_rows(torch.cat([part.haar for part in parts]))
-        residual = gather_rows(torch.stack([part.residual for part in parts]).sum(dim=0, keepdim=True)).sum(dim=0)
-        pixels = gather_rows(torch.tensor([[sum(part.pixels for part in parts)]], dtype=torch.float64)).sum()
-        return cls(haar=haar, residual=residual, pixels=int(pixels))
+        offsets = torch.tensor([0, *(len(part.keys) for part in parts)]).cumsum(0)[:-1].tolist()
+        keys = torch.cat([part.keys for part in parts])
+        haar_image = torch.cat([part.haar_image + offset for part, offset in zip(parts, offsets, strict=True)])
+        first = _first_copies(keys)  # a shot the loader repeated on this rank counts once
+        kept_haar = first[haar_image]
+        rank = distributed.get_rank() if distributed.is_available() and distributed.is_initialized() else 0
+        keys, haar_keys = keys[first], keys[haar_image[kept_haar]]
+        image_rank = gather_rows(torch.full((len(keys),), rank, dtype=torch.long))
+        haar_rank = gather_rows(torch.full((len(haar_keys),), rank, dtype=torch.long))
+        keys, haar_keys = gather_rows(keys), gather_rows(haar_keys)
+        residual = gather_rows(torch.cat([part.residual for part in parts])[first])
+        pixels = gather_rows(torch.cat([part.pixels for part in parts])[first])
+        haar = gather_rows(torch.cat([part.haar for part in parts])[kept_haar])
+        # A shot DDP padding gave to several ranks counts once: the copy of the lowest rank holding it.
+        unique_keys, inverse = torch.unique(keys, return_inverse=True)
+        owner = torch.full((len(unique_keys),), torch.iinfo(torch.long).max, dtype=torch.long)
+        owner = owner.scatter_reduce(0, inverse, image_rank, reduce="amin")
+        kept_images = image_rank == owner[inverse]
+        kept_coefficients = haar_rank == owner[torch.searchsorted(unique_keys, haar_keys)]
+        kept_keys = keys[kept_images]
+        order = kept_keys.argsort()
+        return cls(
+            keys=kept_keys,
+            residual=residual[kept_images],
+            pixels=pixels[kept_images],
+            haar=haar[kept_coefficients],
+            haar_image=order[torch.searchsorted(kept_keys[order], haar_keys[kept_coefficients])],
+        )
+
+
+def _first_copies(keys: torch.Tensor) -> torch.Tensor:
+    """Mask of the first occurrence of every key in ``keys``."""
+    mask = torch.zeros(len(keys), dtype=torch.bool)
+    seen: set[int] = set()
+    for index, key in enumerate(keys.tolist()):
+        if key not in seen:
+            seen.add(key)
+            mask[index] = True
+    return mask
 
 
 @dataclass(frozen=True)
@@ -132,12 +180,16 @@ def choose_blur(statistics: NoiseStatistics, candidates: Sequence[float]) -> Den
     if not candidates or candidates[0] != 0:
         msg = f"blur candidates must start with 0 (no filter), got {tuple(candidates)!r}."
         raise ValueError(msg)
+    if statistics.residual.shape[1] != len(candidates):
+        msg = f"statistics of {statistics.residual.shape[1]} blurs cannot choose among {len(candidates)} candidates."
+        raise ValueError(msg)
     noise = statistics.haar.double().median(dim=0).values / MAD_TO_STD  # per channel
     variance = noise.square()
+    residual, pixels = statistics.residual.sum(dim=0), statistics.pixels.sum()  # (candidates, C), pixels per channel
     risks = []
     for index, sigma in enumerate(candidates):
         centre = float(gaussian_kernel(sigma).max()) ** 2 if sigma > 0 else 1.0  # b_0: trace of the filter per pixel
-        per_channel = statistics.residual[index] / statistics.pixels + 2 * variance * centre - variance
+        per_channel = residual[index] / pixels + 2 * variance * centre - variance
         risks.append(float(per_channel.mean()))
     best = min(range(len(candidates)), key=risks.__getitem__)
     return DenoisingReport(

@@ -319,7 +319,8 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
         self._staged_domains: set[str] = set()
         # Shots of the bank epoch as they came (images, paths, paired source captures), embedded once the target
         # filter is chosen from all of them; and the statistics that choice needs, per batch.
-        self._staged_shots: list[tuple[torch.Tensor, list[str], torch.Tensor | None]] = []
+        self._staged_shots: list[tuple[list[str], torch.Tensor, torch.Tensor | None]] = []
+        self._staged_shot_keys: set[int] = set()
         self._noise_statistics: list[NoiseStatistics] = []
         # Staging of the bank epoch (not in checkpoints): shots and their pairs in every view, the view probes.
         self._stage = HypergraphMemoryBank(domains=(TARGET, PAIRED_SOURCE, VIEW_PROBE), persistent=False)
@@ -441,8 +442,18 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
                 probe_paths = [source.image_path[index] for index in probes]
                 self._stage_views(VIEW_PROBE, source.image[probes], probe_paths, source_root)
             self._staged_domains.add(SOURCE)
-        self._staged_shots.append((target.image, list(target.image_path), pairs.image if pairs is not None else None))
-        self._noise_statistics.append(NoiseStatistics.of(target.image, self.model.denoiser.candidates))
+        # Each shot once per rank (the target loader is cycled beside a longer source loader).
+        keys = [image_key(path, self._key_roots.get(TARGET)) for path in target.image_path]
+        new = [index for index, key in enumerate(keys) if key not in self._staged_shot_keys]
+        self._staged_shot_keys.update(keys)
+        if new:
+            images = target.image[new]
+            self._staged_shots.append(
+                ([target.image_path[index] for index in new], images, pairs.image[new] if pairs is not None else None)
+            )
+            self._noise_statistics.append(
+                NoiseStatistics.of(images, self.model.denoiser.candidates, torch.tensor([keys[i] for i in new]))
+            )
 
     def _stage_shots(self) -> DenoisingReport | None:
         """Choose the target filter from every shot (all ranks), then stage the filtered shots and their pairs.
@@ -453,13 +464,14 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
         auto = self.model.denoiser.option == "auto"
         report = self.model.fit_target_denoising(NoiseStatistics.combined(self._noise_statistics) if auto else None)
         target_root = self._key_roots.get(TARGET)
-        for images, paths, pairs in self._staged_shots:
+        for paths, images, pairs in self._staged_shots:
             self._stage_views(TARGET, self.model.denoiser(images), paths, target_root)
             self._staged_domains.add(TARGET)
             if pairs is not None:
                 self._stage_views(PAIRED_SOURCE, pairs, paths, target_root)
                 self._staged_domains.add(PAIRED_SOURCE)
         self._staged_shots.clear()
+        self._staged_shot_keys.clear()
         self._noise_statistics.clear()
         return report
 
