@@ -115,6 +115,11 @@ def test_a_bad_option_is_refused_naming_it(option: object) -> None:
         TargetDenoiser(option)  # type: ignore[arg-type]
 
 
+def test_a_min_gain_outside_0_1_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match="target_denoising_min_gain"):
+        TargetDenoiser("auto", min_gain=1.0)
+
+
 def test_auto_without_statistics_is_refused() -> None:
     with pytest.raises(ValueError, match="statistics of the target shots"):
         TargetDenoiser("auto").fit(None)
@@ -151,3 +156,13 @@ def test_the_model_scores_a_test_image_through_the_filter_it_banked_the_shots_wi
     torch.testing.assert_close(through_model.pred_score, prefiltered.pred_score)
     torch.testing.assert_close(through_model.anomaly_map, prefiltered.anomaly_map)
     assert not torch.allclose(through_model.pred_score, unfiltered.pred_score)
+
+
+def test_a_blur_that_removes_less_than_min_gain_of_the_noise_is_not_taken() -> None:
+    statistics = NoiseStatistics.of(noisy(coarse_scene(), 0.05), DEFAULT_BLUR_CANDIDATES)
+    taken = choose_blur(statistics, DEFAULT_BLUR_CANDIDATES, min_gain=0.0)
+    assert taken.sigma == taken.best > 0
+    assert 0.7 < taken.gain < 1
+    refused = choose_blur(statistics, DEFAULT_BLUR_CANDIDATES, min_gain=0.99)
+    assert refused.sigma == 0.0 and refused.best == taken.best and refused.gain == taken.gain
+    assert "no filter" in str(refused) and f"{taken.best:g} px" in str(refused)

@@ -109,6 +109,7 @@ CHECKPOINT_SPEC = CheckpointSpec(
             "view_min_share",  # chooses the shot views at fit time (the banks hold the result)
             "test_view_tolerance",  # decides at fit time whether "auto" reads test views (a buffer holds the result)
             "target_denoising",  # chooses the target filter at fit time (a buffer holds the kernel)
+            "target_denoising_min_gain",
             "use_paired_shots",  # translates the source bank at fit time (the banks hold the result)
             "translation_ridge",
             "pair_registration",  # decides at fit time how the pairs are read (the map the checkpoint holds)
@@ -165,6 +166,8 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
         target_denoising: low-pass filter of every target-sensor image (ours): ``"auto"`` (default) a Gaussian blur
             of 0 to 3 pixels chosen from the shots at fit time (their noise level and Stein's unbiased risk estimate;
             logged), a number a fixed blur sigma in pixels, 0 none (the paper).
+        target_denoising_min_gain: ``"auto"`` filters only when the best blur removes at least this share of the
+            noise energy (default 0.5).
         sigma: Gaussian smoothing of the anomaly map (paper: 4).
         chunk_size: rows per block in distance computations.
         search_backend: bank search, ``"exact"`` (default), ``"faiss_flat"`` (exact), ``"faiss_ivf"`` or
@@ -229,6 +232,7 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
         test_views: TestViews = "auto",
         test_view_tolerance: float = 0.1,
         target_denoising: float | str = "auto",
+        target_denoising_min_gain: float = 0.5,
         sigma: float = 4.0,
         chunk_size: int = 2048,
         search_backend: str = "exact",
@@ -293,6 +297,7 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
             test_views=test_views,
             test_view_tolerance=test_view_tolerance,
             target_denoising=target_denoising,
+            target_denoising_min_gain=target_denoising_min_gain,
             sigma=sigma,
             chunk_size=chunk_size,
             search_backend=search_backend,

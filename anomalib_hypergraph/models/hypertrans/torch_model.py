@@ -201,6 +201,8 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
             target shots alone (their noise level, estimated at the finest scale, and the blur with the lowest Stein
             unbiased risk), so a noisy, coarse sensor is filtered and a sharp one is not; a number is a fixed blur
             sigma in pixels (0: none, as the paper). Source images are never filtered.
+        target_denoising_min_gain: ``"auto"`` filters only when the best blur removes at least this share of the
+            noise energy (SURE), i.e. when the shots' finest scale is mostly noise rather than the part's detail.
         sigma: Gaussian smoothing of the upsampled anomaly map (paper: 4).
         chunk_size: rows per block in every distance computation (memory vs speed).
         search_backend: how the per-domain banks are searched (:class:`~anomalib_hypergraph.hypergraph.BankIndex`):
@@ -268,6 +270,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         test_views: TestViews = "auto",
         test_view_tolerance: float = 0.1,
         target_denoising: float | str = "auto",
+        target_denoising_min_gain: float = 0.5,
         sigma: float = 4.0,
         chunk_size: int = 2048,
         search_backend: str = "exact",
@@ -318,7 +321,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         self.view_min_share = view_min_share
         self.test_views = test_views
         self.test_view_tolerance = test_view_tolerance
-        self.denoiser = TargetDenoiser(target_denoising)  # fitted on the shots (fit_target_denoising)
+        self.denoiser = TargetDenoiser(target_denoising, target_denoising_min_gain)  # fit_target_denoising
         self.chunk_size = chunk_size
         self.seed = seed
 
