@@ -18,7 +18,7 @@ from PIL import Image
 
 from anomalib_hypergraph.data import CrossDomainDataModule, FewShot, MVTec3DCrossDomain
 from anomalib_hypergraph.models import HyperTrans
-from anomalib_hypergraph.models.hypertrans.denoising import gaussian_kernel
+from anomalib_hypergraph.models.hypertrans.denoising import NoiseStatistics, choose_blur, gaussian_kernel
 from tests.test_cross_domain import folder_camera
 
 
@@ -379,3 +379,21 @@ def test_same_arguments_and_seed_train_bit_identical_models_whatever_the_global_
     for key, value in first_state.items():
         assert torch.equal(value, second_state[key]), key
     assert first_scores == second_scores
+
+
+def test_engine_chooses_the_target_filter_from_every_shot_once(
+    tmp_path: Path, synthetic_root: Path, synthetic_category: str, tiny_hypertrans_kwargs: dict
+) -> None:
+    """target_denoising=auto under the Engine: the blur SURE picks on the shots as the model sees them, stored."""
+    kwargs = {**tiny_hypertrans_kwargs, "epochs_perturbation": 0, "target_denoising": "auto"}
+    model = HyperTrans(**kwargs, target_denoising_min_gain=0.0)  # always the risk minimiser, so a choice to check
+    datamodule = make_datamodule(synthetic_root, synthetic_category, k_shot=3)
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1, logger=False)
+    engine.fit(model=model, datamodule=datamodule)
+    shots = torch.cat(list(model._target_shot_images()))  # each shot once, through the pre-processor
+    candidates = model.model.denoiser.candidates
+    expected = choose_blur(NoiseStatistics.of(shots, candidates), candidates, min_gain=0.0)
+    assert float(model.model.denoiser.sigma) == expected.sigma
+    assert (model.model.denoiser.kernel.numel() > 0) == (expected.sigma > 0)
+    assert float(engine.trainer.callback_metrics["train/target_blur_sigma"]) == expected.sigma
+    assert len(shots) == 3

@@ -243,7 +243,7 @@ class TargetDenoiser(DefaultedState, DynamicBufferMixin, nn.Module):
 
     def __init__(
         self,
-        sigma: float | str = "auto",
+        sigma: float | str = 0.0,
         min_gain: float = DEFAULT_MIN_GAIN,
         candidates: Sequence[float] = DEFAULT_BLUR_CANDIDATES,
     ) -> None:
