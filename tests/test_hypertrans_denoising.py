@@ -14,8 +14,9 @@ from anomalib_hypergraph.models.hypertrans.denoising import (
     gaussian_kernel,
     separable_blur,
 )
-from anomalib_hypergraph.models.hypertrans.torch_model import SOURCE, TARGET, HyperTransModel
-from tests.conftest import TINY_IMAGE_SIZE, TINY_VIT_KWARGS
+from anomalib_hypergraph.models.hypertrans.torch_model import SOURCE, TARGET
+from tests.conftest import TINY_IMAGE_SIZE
+from tests.test_hypertrans_model import make_model
 
 
 def coarse_scene(count: int = 4, size: int = 128, seed: int = 0) -> torch.Tensor:
@@ -127,20 +128,12 @@ def test_auto_without_statistics_is_refused() -> None:
 
 def test_the_model_scores_a_test_image_through_the_filter_it_banked_the_shots_with() -> None:
     """Filtering is part of the model: raw images into a filtering model == filtered images into a plain one."""
-    arguments = {
-        "backbone": "vit_tiny_patch16_224",
-        "pretrained": False,
-        "model_kwargs": dict(TINY_VIT_KWARGS),
-        "num_neighbors": 4,
-        "chunk_size": 64,
-        "use_rectification": False,
-    }
     generator = torch.Generator().manual_seed(0)
     source, shots, tests = (
         torch.rand(count, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=generator) for count in (3, 2, 3)
     )
-    filtering = HyperTransModel(**arguments, target_denoising=1.0).eval()
-    plain = HyperTransModel(**arguments, target_denoising=0.0).eval()
+    filtering = make_model(use_rectification=False, target_denoising=1.0).eval()
+    plain = make_model(use_rectification=False, target_denoising=0.0).eval()
     plain.load_state_dict(filtering.state_dict(), strict=False)  # the same (random) backbone
     for model in (filtering, plain):
         model.fit_target_denoising(None)
