@@ -524,10 +524,9 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
             on_iteration=self._log_rectification,
             pairs=pairs,
         )
-        logger.info(
-            "HyperTrans target filter: %s.",
-            denoising or f"fixed blur sigma {float(self.model.denoiser.sigma):g} px (target_denoising)",
-        )
+        sigma = float(self.model.denoiser.sigma)
+        fixed = f"fixed blur sigma {sigma:g} px (target_denoising)" if sigma > 0 else "none (target_denoising=0)"
+        logger.info("HyperTrans target filter: %s.", denoising or fixed)
         logger.info(
             "HyperTrans shot views: kept %s of %d%s; test images are read %s.",
             views.kept,
