@@ -70,7 +70,7 @@ from anomalib_hypergraph.data import SYNTHETIC_CATEGORIES, generate_synthetic_mv
 from anomalib_hypergraph.data.domains import SOURCE, TARGET
 from anomalib_hypergraph.data.sensor_shift import SENSORS, rgb_view, simulate_sensor
 from anomalib_hypergraph.hypergraph import chunked_knn, greedy_coreset
-from anomalib_hypergraph.models.hypertrans.denoising import NoiseStatistics, gaussian_kernel, separable_blur
+from anomalib_hypergraph.models.hypertrans.denoising import NoiseStatistics, gaussian_kernel
 from anomalib_hypergraph.models.hypertrans.scoring import CrossDomainScorer
 from anomalib_hypergraph.models.hypertrans.sensor_map import SensorTranslation
 from anomalib_hypergraph.models.hypertrans.torch_model import (
@@ -82,6 +82,7 @@ from anomalib_hypergraph.models.hypertrans.torch_model import (
     image_root,
     view_probe_split,
 )
+from anomalib_hypergraph.models.smoothing import blur_separably
 
 BACKBONE = "tf_efficientnet_lite0"
 LAYERS = ("blocks.2", "blocks.4")
@@ -537,7 +538,7 @@ def blurred(images: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma == 0:
         return images
     kernel = gaussian_kernel(sigma)
-    return torch.cat([separable_blur(part, kernel) for part in images.split(16)])
+    return torch.cat([blur_separably(part, kernel) for part in images.split(16)])
 
 
 def probe_scores(

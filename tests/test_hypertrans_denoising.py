@@ -12,9 +12,9 @@ from anomalib_hypergraph.models.hypertrans.denoising import (
     TargetDenoiser,
     choose_blur,
     gaussian_kernel,
-    separable_blur,
 )
 from anomalib_hypergraph.models.hypertrans.torch_model import SOURCE, TARGET
+from anomalib_hypergraph.models.smoothing import blur_separably
 from tests.conftest import TINY_IMAGE_SIZE
 from tests.test_hypertrans_model import make_model
 
@@ -57,7 +57,7 @@ def test_a_noisy_coarse_sensor_is_filtered_and_sure_predicts_the_error_against_t
     assert report.sigma >= 1.0
     # SURE is an estimate of the mean squared error against the clean image, which the test knows.
     for sigma, risk in zip(report.candidates, report.risks, strict=True):
-        filtered = separable_blur(observed, gaussian_kernel(sigma)) if sigma else observed
+        filtered = blur_separably(observed, gaussian_kernel(sigma)) if sigma else observed
         true_error = float((filtered - clean).square().mean())
         assert abs(risk / true_error - 1) < 0.1, (sigma, risk, true_error)
     # The chosen blur removes most of the noise energy (the unfiltered error is the noise variance).
@@ -92,7 +92,7 @@ def test_statistics_of_batches_combine_as_those_of_all_images_at_once_and_a_repe
 
 def test_the_filter_keeps_a_constant_image_and_its_size_at_the_borders() -> None:
     flat = torch.full((2, 3, 20, 24), 0.7)
-    torch.testing.assert_close(separable_blur(flat, gaussian_kernel(2.0)), flat)
+    torch.testing.assert_close(blur_separably(flat, gaussian_kernel(2.0)), flat)
 
 
 def test_the_filter_round_trips_through_the_state_dict_and_old_states_mean_no_filter() -> None:

@@ -37,13 +37,18 @@ class SeparableGaussianBlur(nn.Module):
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """Blur every channel of ``maps`` ``(B, C, H, W)`` on its own; same shape out."""
-        batch, channels, height, width = maps.shape
-        radius = self.kernel.shape[0] // 2
-        planes = F.pad(maps.reshape(batch * channels, 1, height, width), (radius,) * 4, mode="reflect")
-        kernel = self.kernel.to(maps.dtype)
-        planes = F.conv2d(planes, kernel.view(1, 1, 1, -1))  # along rows
-        planes = F.conv2d(planes, kernel.view(1, 1, -1, 1))  # along columns
-        return planes.reshape(batch, channels, height, width)
+        return blur_separably(maps, self.kernel)
+
+
+def blur_separably(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Filter every channel of ``maps`` ``(B, C, H, W)`` by the 1-D ``kernel`` along rows, then columns; reflected."""
+    batch, channels, height, width = maps.shape
+    radius = kernel.shape[0] // 2
+    planes = F.pad(maps.reshape(batch * channels, 1, height, width), (radius,) * 4, mode="reflect")
+    kernel = kernel.to(maps.dtype)
+    planes = F.conv2d(planes, kernel.view(1, 1, 1, -1))  # along rows
+    planes = F.conv2d(planes, kernel.view(1, 1, -1, 1))  # along columns
+    return planes.reshape(batch, channels, height, width)
 
 
 def check_blur_fits(sigma: float, image_size: Sequence[int] | None) -> None:

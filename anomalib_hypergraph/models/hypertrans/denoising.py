@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from anomalib.models.components.base import DynamicBufferMixin
 from torch import distributed, nn
-from torch.nn import functional
 
 from anomalib_hypergraph.hypergraph.distributed import gather_rows
+from anomalib_hypergraph.models.smoothing import blur_separably
 from anomalib_hypergraph.models.state import DefaultedState
 
 # No filter, or a Gaussian of 0.5 to 3 pixels in quarter steps (below 0.5 the kernel's side taps are under 2 %: no
@@ -52,15 +52,6 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
     weights = torch.exp(-(taps**2) / (2 * sigma**2))
     return (weights / weights.sum()).float()
-
-
-def separable_blur(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Filter ``(B, C, H, W)`` images by ``kernel`` along both axes, borders reflected (an exportable pair of convs)."""
-    channels, radius = images.shape[1], kernel.numel() // 2
-    weights = kernel.to(images)
-    padded = functional.pad(images, (radius, radius, radius, radius), mode="reflect")
-    rows = functional.conv2d(padded, weights.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return functional.conv2d(rows, weights.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
 def diagonal_haar(images: torch.Tensor) -> torch.Tensor:
@@ -101,7 +92,7 @@ class NoiseStatistics:
             haar = diagonal_haar(images).abs().permute(0, 2, 3, 1).reshape(count, -1, channels)
             residual = torch.stack(
                 [
-                    (separable_blur(images, gaussian_kernel(sigma)) - images).square().sum(dim=(2, 3))
+                    (blur_separably(images, gaussian_kernel(sigma)) - images).square().sum(dim=(2, 3))
                     if sigma > 0
                     else images.new_zeros(count, channels)
                     for sigma in candidates
@@ -281,4 +272,4 @@ class TargetDenoiser(DefaultedState, DynamicBufferMixin, nn.Module):
         """``images`` filtered by the stored kernel (as they are without one)."""
         if self.kernel.numel() == 0:
             return images
-        return separable_blur(images, self.kernel)
+        return blur_separably(images, self.kernel)
