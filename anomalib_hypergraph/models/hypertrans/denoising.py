@@ -234,7 +234,7 @@ class TargetDenoiser(DefaultedState, DynamicBufferMixin, nn.Module):
 
     def __init__(
         self,
-        sigma: float | str = 0.0,
+        sigma: float | str = "auto",
         min_gain: float = DEFAULT_MIN_GAIN,
         candidates: Sequence[float] = DEFAULT_BLUR_CANDIDATES,
     ) -> None:

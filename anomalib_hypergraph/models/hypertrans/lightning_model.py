@@ -165,7 +165,7 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
             other normal images than unturned ones for ``test_views="auto"`` to read the views (default 0.1).
         target_denoising: low-pass filter of every target-sensor image (ours): ``"auto"`` a Gaussian blur of 0 to 3
             pixels chosen from the shots at fit time (their noise level and Stein's unbiased risk estimate; logged), a
-            number a fixed blur sigma in pixels, 0 (default for now) none, as the paper.
+            number a fixed blur sigma in pixels, 0 none, as the paper. Default ``"auto"``.
         target_denoising_min_gain: ``"auto"`` filters only when the best blur removes at least this share of the
             noise energy (default 0.5).
         sigma: Gaussian smoothing of the anomaly map (paper: 4).
@@ -231,7 +231,7 @@ class HyperTrans(TrainedFewShotDefaults, RunGuard, CheckpointGuard, AnomalibModu
         view_min_share: float = 0.25,
         test_views: TestViews = "auto",
         test_view_tolerance: float = 0.1,
-        target_denoising: float | str = 0.0,
+        target_denoising: float | str = "auto",
         target_denoising_min_gain: float = 0.5,
         sigma: float = 4.0,
         chunk_size: int = 2048,

@@ -199,9 +199,8 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         target_denoising: low-pass filter of every target-domain image before its features are extracted (ours,
             :mod:`.denoising`): ``"auto"`` chooses a Gaussian blur of 0 to 3 pixels at fit time from the target shots
             alone (their noise level, estimated at the finest scale, and the blur with the lowest Stein unbiased
-            risk), so a noisy, coarse sensor is filtered and a sharp one is not; a number is a fixed blur sigma in
-            pixels (0, the default until the benchmark tables are measured with ``"auto"``: none, as the paper).
-            Source images are never filtered.
+            risk), so a noisy, coarse sensor is filtered and a sharp one is not (default); a number is a fixed blur
+            sigma in pixels, 0 none, as the paper. Source images are never filtered.
         target_denoising_min_gain: ``"auto"`` filters only when the best blur removes at least this share of the
             noise energy (SURE), i.e. when the shots' finest scale is mostly noise rather than the part's detail.
         sigma: Gaussian smoothing of the upsampled anomaly map (paper: 4).
@@ -270,7 +269,7 @@ class HyperTransModel(DefaultedState, DynamicBufferMixin, nn.Module):
         view_min_share: float = 0.25,
         test_views: TestViews = "auto",
         test_view_tolerance: float = 0.1,
-        target_denoising: float | str = 0.0,
+        target_denoising: float | str = "auto",
         target_denoising_min_gain: float = 0.5,
         sigma: float = 4.0,
         chunk_size: int = 2048,
